@@ -1,0 +1,26 @@
+"""jax_sparseconv: sparse convolutions for JAX and Flax, in the spirit of spconv.
+
+Quick tour::
+
+    import jax_sparseconv as jsc
+    x = jsc.SparseConvTensor(features, indices, spatial_shape, batch_size)
+    y = jsc.functional.sparse_conv(x, kernel, subm=True, indice_key="subm1")
+    jsc.check_overflow(y)  # after a jitted step: raises if a capacity was too small
+"""
+
+from jax_sparseconv import functional
+from jax_sparseconv._build import build_info
+from jax_sparseconv.functional import (global_avg_pool, global_max_pool, sparse_avg_pool, sparse_conv,
+                                       sparse_max_pool)
+from jax_sparseconv.geometry import ConvGeometry, make_geometry
+from jax_sparseconv.rulebook import Rulebook
+from jax_sparseconv.tensor import (CapacityOverflowError, SparseConvTensor, capacity_bucket, check_overflow,
+                                   from_numpy)
+
+__version__ = build_info()["version"]
+
+__all__ = [
+    "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "build_info", "capacity_bucket",
+    "check_overflow", "from_numpy", "functional", "global_avg_pool", "global_max_pool", "make_geometry",
+    "sparse_avg_pool", "sparse_conv", "sparse_max_pool",
+]

@@ -1,0 +1,35 @@
+"""Backends behind one interface: ``xla`` (pure JAX, everywhere) and ``ffi`` (native).
+
+A backend is a module with these functions (shapes in the docstrings of ``xla.py``):
+
+- ``build_rulebook(indices, geometry, batch_size, out_capacity)``
+- ``gather_matmul(x, w, nbr)`` and ``gather_matmul_grad(x, g, nbr)``: convolution
+- ``gather_sum(x, nbr)``, ``gather_max(x, nbr)``, ``gather_max_grad(g, argk, in_nbr)``: pooling
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+
+from jax_sparseconv.backends import ffi, xla
+
+BACKENDS = {"xla": xla, "ffi": ffi}
+
+
+def resolve(backend: str | None) -> str:
+    """The backend name to use: ``None`` means ``ffi`` where it is compiled for the
+    default platform (CPU) and ``xla`` elsewhere (GPU, TPU)."""
+    if backend is None:
+        return "ffi" if ffi.available() and jax.default_backend() == "cpu" else "xla"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
+    if backend == "ffi" and not ffi.available():
+        raise RuntimeError("backend='ffi' needs the compiled extension jax_sparseconv._cpu, which is "
+                           "missing: reinstall with `pip install .` (see BUILD.md and jsc.build_info())")
+    return backend
+
+
+def get(name: str) -> types.ModuleType:
+    return BACKENDS[name]

@@ -1,0 +1,301 @@
+"""Sparse convolution and pooling ops (``jsc.functional``), each a ``jax.custom_vjp``.
+
+Every op takes a SparseConvTensor and returns one (global pools return ``[B, C]``).
+Kernels use Flax's layout ``(*kernel_size, C_in, C_out)``; offsets are enumerated
+row-major over the kernel dims. Backward passes are written by hand: they gather
+along the transposed rulebook instead of scattering, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jax_sparseconv import backends
+from jax_sparseconv.geometry import REGULAR, SUBM, TRANSPOSED, make_geometry, normalize_tuple
+from jax_sparseconv.rulebook import Rulebook, build_rulebook
+from jax_sparseconv.tensor import (SparseConvTensor, is_concrete, merge_overflow, overflow_record,
+                                   raise_if_overflow)
+
+IntOrSeq = int | Sequence[int]
+
+
+# ---- rulebooks and outputs -------------------------------------------------------------
+
+def _get_rulebook(x: SparseConvTensor, geometry, indice_key, out_capacity, backend) -> Rulebook:
+    """The cached rulebook for ``indice_key`` if it fits ``geometry``, else a new one."""
+    cached = x.indice_dict.get(indice_key) if indice_key is not None else None
+    if cached is not None and not cached.inverted:
+        if cached.geometry != geometry or cached.in_indices.shape != x.indices.shape:
+            raise ValueError(
+                f"indice_key {indice_key!r} holds a rulebook for {cached.geometry} on capacity "
+                f"{cached.in_indices.shape[0]}, which does not match {geometry} on capacity "
+                f"{x.capacity}; layers that share a key need the same geometry and input sites")
+        if out_capacity is None or out_capacity == cached.out_capacity:
+            return cached
+    if out_capacity is None:
+        out_capacity = geometry.default_out_capacity(x.capacity, x.batch_size)
+    rulebook = build_rulebook(x.indices, geometry, x.batch_size, int(out_capacity), backends.get(backend))
+    if is_concrete(rulebook.needed):
+        raise_if_overflow(overflow_record(rulebook.needed, rulebook.out_capacity),
+                          f"{geometry.mode} sparse op (indice_key={indice_key!r})")
+    return rulebook
+
+
+def _inverse_rulebook(x: SparseConvTensor, indice_key, kernel_size) -> Rulebook:
+    if indice_key is None:
+        raise ValueError("an inverse convolution needs the indice_key of the convolution it inverts")
+    if indice_key not in x.indice_dict:
+        raise ValueError(f"indice_key {indice_key!r} is not in the tensor's indice_dict "
+                         f"(keys: {sorted(x.indice_dict)}); run the matching strided conv first")
+    forward = x.indice_dict[indice_key]
+    if forward.geometry.mode != REGULAR or forward.inverted:
+        raise ValueError(f"indice_key {indice_key!r} holds a {forward.geometry.mode} rulebook; an "
+                         "inverse convolution inverts a regular (strided) convolution or pooling")
+    if forward.geometry.kernel_size != tuple(kernel_size):
+        raise ValueError(f"inverse kernel_size {tuple(kernel_size)} differs from the "
+                         f"kernel_size {forward.geometry.kernel_size} of indice_key {indice_key!r}")
+    if forward.out_indices.shape != x.indices.shape:
+        raise ValueError(f"the input has capacity {x.capacity} but indice_key {indice_key!r} "
+                         f"produced capacity {forward.out_capacity}")
+    return forward.inverse()
+
+
+def _output(x: SparseConvTensor, rulebook: Rulebook, features, indice_key) -> SparseConvTensor:
+    indice_dict = dict(x.indice_dict)
+    if indice_key is not None and not rulebook.inverted:
+        indice_dict[indice_key] = rulebook
+    overflow = merge_overflow(x.overflow, overflow_record(rulebook.needed, rulebook.out_capacity))
+    return SparseConvTensor(features, rulebook.out_indices, rulebook.out_shape, x.batch_size,
+                            indice_dict, overflow, validate=False)
+
+
+def _check_tensor(x) -> None:
+    if not isinstance(x, SparseConvTensor):
+        raise TypeError(f"expected a SparseConvTensor, got {type(x).__name__}")
+
+
+# ---- convolution -----------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _conv(features, kernel, bias, out_nbr, in_nbr, out_active, backend):
+    return _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend)[0]
+
+
+def _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend):
+    out = backends.get(backend).gather_matmul(features, kernel, out_nbr) + bias
+    out = jnp.where(out_active[:, None], out, 0).astype(features.dtype)
+    return out, (features, kernel, out_nbr, in_nbr, out_active)
+
+
+def _conv_bwd(backend, residuals, g):
+    features, kernel, out_nbr, in_nbr, out_active = residuals
+    impl = backends.get(backend)
+    g = jnp.where(out_active[:, None], g, 0)
+    d_features = impl.gather_matmul(g, jnp.swapaxes(kernel, 1, 2), in_nbr).astype(features.dtype)
+    d_kernel = impl.gather_matmul_grad(features, g, out_nbr).astype(kernel.dtype)
+    d_bias = jnp.sum(g, axis=0, dtype=jnp.promote_types(g.dtype, jnp.float32)).astype(kernel.dtype)
+    return d_features, d_kernel, d_bias, None, None, None
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1, padding: IntOrSeq = 0,
+                dilation: IntOrSeq = 1, subm: bool = False, transposed: bool = False, inverse: bool = False,
+                indice_key: str | None = None, out_capacity: int | None = None,
+                backend: str | None = None) -> SparseConvTensor:
+    """Sparse convolution (spconv's SubMConv, SparseConv, SparseConvTranspose, SparseInverseConv).
+
+    Args:
+      x: input with ``C_in`` channels.
+      kernel: ``(*kernel_size, C_in, C_out)``.
+      bias: optional ``[C_out]``, added at active output sites.
+      strides, padding, dilation: int or one per spatial dim (ignored by ``subm``).
+      subm: submanifold conv: output sites are the input rows, unchanged; odd kernels.
+      transposed: transposed conv (``o = i * s - p + k * d``); creates sites.
+      inverse: back to the input sites of the regular conv (or pool) stored under
+        ``indice_key``, through the transpose of its rulebook (same offset numbering).
+      indice_key: cache the rulebook in the output's ``indice_dict`` under this key, or
+        reuse the one already there (spconv's ``indice_key``).
+      out_capacity: static row capacity of a regular/transposed output. Default: the
+        input capacity (times ``prod(strides)`` for transposed convs), capped by the
+        largest count the geometry allows. More sites than that raise
+        ``CapacityOverflowError`` eagerly, or set the output's ``overflow`` record under
+        ``jit`` (see ``jsc.check_overflow``).
+      backend: ``"xla"``, ``"ffi"`` or None (ffi on CPU when compiled, else xla).
+
+    Returns:
+      SparseConvTensor with ``C_out`` channels in ``result_type(features, kernel)``.
+    """
+    _check_tensor(x)
+    if sum((subm, transposed, inverse)) > 1:
+        raise ValueError("choose at most one of subm, transposed and inverse")
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != x.ndim + 2 or kernel.shape[-2] != x.num_channels:
+        raise ValueError(f"kernel must be (*kernel_size, C_in={x.num_channels}, C_out) with {x.ndim} "
+                         f"spatial dims, got shape {kernel.shape}")
+    c_out = kernel.shape[-1]
+    dtype = jnp.result_type(x.features, kernel)
+    bias = jnp.zeros((c_out,), dtype) if bias is None else jnp.asarray(bias, dtype)
+    if bias.shape != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},), got {bias.shape}")
+    backend = backends.resolve(backend)
+    kernel_size = kernel.shape[:-2]
+    if inverse:
+        rulebook = _inverse_rulebook(x, indice_key, kernel_size)
+    else:
+        mode = SUBM if subm else TRANSPOSED if transposed else REGULAR
+        geometry = make_geometry(mode, x.spatial_shape, kernel_size, strides, padding, dilation)
+        rulebook = _get_rulebook(x, geometry, indice_key, out_capacity, backend)
+    out_active = rulebook.out_indices[:, 0] >= 0
+    features = _conv(x.features.astype(dtype), kernel.reshape(-1, x.num_channels, c_out).astype(dtype),
+                     bias, rulebook.out_nbr, rulebook.in_nbr, out_active, backend)
+    return _output(x, rulebook, features, indice_key)
+
+
+# ---- pooling ---------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _max_pool(features, out_nbr, in_nbr, out_active, backend):
+    return _max_pool_fwd(features, out_nbr, in_nbr, out_active, backend)[0]
+
+
+def _max_pool_fwd(features, out_nbr, in_nbr, out_active, backend):
+    out, argk = backends.get(backend).gather_max(features, out_nbr)
+    return jnp.where(out_active[:, None], out, 0), (argk, in_nbr, out_active)
+
+
+def _max_pool_bwd(backend, residuals, g):
+    argk, in_nbr, out_active = residuals
+    g = jnp.where(out_active[:, None], g, 0)
+    return backends.get(backend).gather_max_grad(g, argk, in_nbr), None, None, None
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _avg_pool(features, out_nbr, in_nbr, out_active, backend):
+    return _avg_pool_fwd(features, out_nbr, in_nbr, out_active, backend)[0]
+
+
+def _avg_pool_fwd(features, out_nbr, in_nbr, out_active, backend):
+    count = jnp.sum(out_nbr >= 0, axis=1, keepdims=True)
+    scale = jnp.where(out_active[:, None], 1.0 / jnp.maximum(count, 1), 0.0)
+    out = backends.get(backend).gather_sum(features, out_nbr) * scale
+    return out.astype(features.dtype), (in_nbr, scale)
+
+
+def _avg_pool_bwd(backend, residuals, g):
+    in_nbr, scale = residuals
+    d_features = backends.get(backend).gather_sum((g * scale).astype(g.dtype), in_nbr)
+    return d_features.astype(g.dtype), None, None, None
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
+def _pool(pool_fn, x, kernel_size, strides, padding, dilation, indice_key, out_capacity, backend):
+    _check_tensor(x)
+    kernel_size = normalize_tuple(kernel_size, x.ndim, "kernel_size")
+    strides = kernel_size if strides is None else strides
+    backend = backends.resolve(backend)
+    geometry = make_geometry(REGULAR, x.spatial_shape, kernel_size, strides, padding, dilation)
+    rulebook = _get_rulebook(x, geometry, indice_key, out_capacity, backend)
+    out_active = rulebook.out_indices[:, 0] >= 0
+    features = pool_fn(x.features, rulebook.out_nbr, rulebook.in_nbr, out_active, backend)
+    return _output(x, rulebook, features, indice_key)
+
+
+def sparse_max_pool(x: SparseConvTensor, kernel_size: IntOrSeq, strides: IntOrSeq | None = None,
+                    padding: IntOrSeq = 0, dilation: IntOrSeq = 1, *, indice_key: str | None = None,
+                    out_capacity: int | None = None, backend: str | None = None) -> SparseConvTensor:
+    """Max over the active inputs of each window (spconv's SparseMaxPool).
+
+    Same site geometry as a regular conv; ``strides=None`` means ``kernel_size``. Only
+    active inputs take part, so an all-negative window gives its true maximum. The
+    gradient goes to the first input (in kernel offset order) attaining the max.
+    """
+    return _pool(_max_pool, x, kernel_size, strides, padding, dilation, indice_key, out_capacity, backend)
+
+
+def sparse_avg_pool(x: SparseConvTensor, kernel_size: IntOrSeq, strides: IntOrSeq | None = None,
+                    padding: IntOrSeq = 0, dilation: IntOrSeq = 1, *, indice_key: str | None = None,
+                    out_capacity: int | None = None, backend: str | None = None) -> SparseConvTensor:
+    """Mean over the active inputs of each window (spconv's SparseAvgPool).
+
+    Same geometry and arguments as ``sparse_max_pool``; the divisor is the number of
+    active inputs in the window, not the window volume.
+    """
+    return _pool(_avg_pool, x, kernel_size, strides, padding, dilation, indice_key, out_capacity, backend)
+
+
+# ---- global pooling --------------------------------------------------------------------
+
+def _segments(x: SparseConvTensor) -> jax.Array:
+    """Batch index of each row; padding rows get ``batch_size`` (dropped by segment ops)."""
+    return jnp.where(x.active, x.indices[:, 0], x.batch_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _global_max(features, segments, batch_size):
+    return _global_max_fwd(features, segments, batch_size)[0]
+
+
+def _global_max_fwd(features, segments, batch_size):
+    best = jax.ops.segment_max(features, segments, num_segments=batch_size)
+    rows = jnp.arange(features.shape[0], dtype=jnp.int32)[:, None]
+    at_max = features == best[jnp.minimum(segments, batch_size - 1)]
+    winner = jax.ops.segment_min(jnp.where(at_max, rows, features.shape[0]), segments, num_segments=batch_size)
+    empty = winner >= features.shape[0]
+    return jnp.where(empty, 0, best).astype(features.dtype), (segments, winner)
+
+
+def _global_max_bwd(batch_size, residuals, g):
+    segments, winner = residuals
+    seg = jnp.minimum(segments, batch_size - 1)
+    rows = jnp.arange(segments.shape[0], dtype=jnp.int32)[:, None]
+    won = (rows == winner[seg]) & (segments < batch_size)[:, None]
+    return jnp.where(won, g[seg], 0).astype(g.dtype), None
+
+
+_global_max.defvjp(_global_max_fwd, _global_max_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _global_avg(features, segments, batch_size):
+    return _global_avg_fwd(features, segments, batch_size)[0]
+
+
+def _global_avg_fwd(features, segments, batch_size):
+    acc = jnp.promote_types(features.dtype, jnp.float32)
+    total = jax.ops.segment_sum(features.astype(acc), segments, num_segments=batch_size)
+    count = jax.ops.segment_sum(jnp.ones_like(segments, acc), segments, num_segments=batch_size)
+    scale = 1.0 / jnp.maximum(count, 1)
+    return (total * scale[:, None]).astype(features.dtype), (segments, scale)
+
+
+def _global_avg_bwd(batch_size, residuals, g):
+    segments, scale = residuals
+    seg = jnp.minimum(segments, batch_size - 1)
+    d_features = jnp.where((segments < batch_size)[:, None], g[seg] * scale[seg, None], 0)
+    return d_features.astype(g.dtype), None
+
+
+_global_avg.defvjp(_global_avg_fwd, _global_avg_bwd)
+
+
+def global_max_pool(x: SparseConvTensor) -> jax.Array:
+    """``[B, C]`` max over each batch item's active rows (0 for an item with none)."""
+    _check_tensor(x)
+    return _global_max(x.features, _segments(x), x.batch_size)
+
+
+def global_avg_pool(x: SparseConvTensor) -> jax.Array:
+    """``[B, C]`` mean over each batch item's active rows (0 for an item with none)."""
+    _check_tensor(x)
+    return _global_avg(x.features, _segments(x), x.batch_size)

@@ -1,0 +1,86 @@
+// Index logic of sparse convolutions: which output site an input site reaches
+// through a kernel offset, and how sites are linearised into 64-bit keys.
+// Shared by the CPU and CUDA handlers; mirrors jax_sparseconv/geometry.py.
+#pragma once
+
+#include <cstdint>
+
+#include "jsc/common.h"
+
+namespace jsc {
+
+enum class ConvMode : int64_t { kSubm = 0, kRegular = 1, kTransposed = 2 };
+
+struct ConvGeometry {
+  int ndim = 0;
+  ConvMode mode = ConvMode::kSubm;
+  int64_t batch_size = 0;
+  int64_t in_shape[kMaxDims] = {};
+  int64_t out_shape[kMaxDims] = {};
+  int64_t kernel[kMaxDims] = {};
+  int64_t stride[kMaxDims] = {};
+  int64_t padding[kMaxDims] = {};
+  int64_t dilation[kMaxDims] = {};
+
+  JSC_HOST_DEVICE int64_t kernel_volume() const {
+    int64_t v = 1;
+    for (int d = 0; d < ndim; ++d) v *= kernel[d];
+    return v;
+  }
+};
+
+// Splits a row-major kernel offset index into per-dimension offsets.
+JSC_HOST_DEVICE void unravel_offset(const ConvGeometry& g, int64_t k,
+                                    int64_t* offset) {
+  for (int d = g.ndim - 1; d >= 0; --d) {
+    offset[d] = k % g.kernel[d];
+    k /= g.kernel[d];
+  }
+}
+
+// The output coordinates that input coordinates `in` (ndim values, no batch) reach through kernel
+// offset `k`, or false if there is none (off the grid, or between strides).
+//   subm:       out = in - (k - kernel // 2) * dilation
+//   regular:    out * stride = in + padding - k * dilation
+//   transposed: out = in * stride - padding + k * dilation
+JSC_HOST_DEVICE bool output_site(const ConvGeometry& g, const int32_t* in,
+                                 int64_t k, int64_t* out) {
+  int64_t offset[kMaxDims];
+  unravel_offset(g, k, offset);
+  for (int d = 0; d < g.ndim; ++d) {
+    int64_t o;
+    if (g.mode == ConvMode::kSubm) {
+      o = in[d] - (offset[d] - g.kernel[d] / 2) * g.dilation[d];
+    } else if (g.mode == ConvMode::kRegular) {
+      const int64_t t = in[d] + g.padding[d] - offset[d] * g.dilation[d];
+      if (t < 0 || t % g.stride[d] != 0) return false;
+      o = t / g.stride[d];
+    } else {
+      o = in[d] * g.stride[d] - g.padding[d] + offset[d] * g.dilation[d];
+    }
+    if (o < 0 || o >= g.out_shape[d]) return false;
+    out[d] = o;
+  }
+  return true;
+}
+
+// Row-major key of (batch, coords) over (batch_size, *shape). Keys sort in
+// the same order as the (batch, coords) tuples. The caller checks that
+// batch_size * prod(shape) fits in int64.
+JSC_HOST_DEVICE int64_t encode_key(int64_t batch, const int64_t* coords,
+                                   const int64_t* shape, int ndim) {
+  int64_t key = batch;
+  for (int d = 0; d < ndim; ++d) key = key * shape[d] + coords[d];
+  return key;
+}
+
+JSC_HOST_DEVICE void decode_key(int64_t key, const int64_t* shape, int ndim,
+                                int32_t* row) {
+  for (int d = ndim - 1; d >= 0; --d) {
+    row[d + 1] = static_cast<int32_t>(key % shape[d]);
+    key /= shape[d];
+  }
+  row[0] = static_cast<int32_t>(key);
+}
+
+}  // namespace jsc
