@@ -8,6 +8,8 @@ Quick tour::
     jsc.check_overflow(y)  # after a jitted step: raises if a capacity was too small
 """
 
+import importlib.metadata
+
 from jax_sparseconv import functional
 from jax_sparseconv._build import build_info
 from jax_sparseconv.functional import (global_avg_pool, global_max_pool, sparse_avg_pool, sparse_conv,
@@ -17,7 +19,10 @@ from jax_sparseconv.rulebook import Rulebook
 from jax_sparseconv.tensor import (CapacityOverflowError, SparseConvTensor, capacity_bucket, check_overflow,
                                    from_numpy)
 
-__version__ = build_info()["version"]
+try:
+    __version__ = importlib.metadata.version("jax_sparseconv")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+source"
 
 __all__ = [
     "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "build_info", "capacity_bucket",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import jax
 import jaxlib
 
@@ -16,13 +14,11 @@ def build_info() -> dict:
     """
     from jax_sparseconv.backends import ffi, resolve
 
-    try:
-        version = importlib.metadata.version("jax_sparseconv")
-    except importlib.metadata.PackageNotFoundError:
-        version = "0+source"
+    import jax_sparseconv
+
     cpu = ffi._cpu
     return {
-        "version": version,
+        "version": jax_sparseconv.__version__,
         "cpu_ffi": cpu is not None,
         "cuda_ffi": False,
         "cuda_archs": [],

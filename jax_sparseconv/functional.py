@@ -122,8 +122,8 @@ def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1
       indice_key: cache the rulebook in the output's ``indice_dict`` under this key, or
         reuse the one already there (spconv's ``indice_key``).
       out_capacity: static row capacity of a regular/transposed output. Default: the
-        input capacity (times ``prod(strides)`` for transposed convs), capped by the
-        largest count the geometry allows. More sites than that raise
+        input capacity for regular convs, the largest count the geometry allows for
+        transposed ones (see ``ConvGeometry.default_out_capacity``). More sites raise
         ``CapacityOverflowError`` eagerly, or set the output's ``overflow`` record under
         ``jit`` (see ``jsc.check_overflow``).
       backend: ``"xla"``, ``"ffi"`` or None (ffi on CPU when compiled, else xla).

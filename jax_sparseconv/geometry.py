@@ -78,13 +78,16 @@ class ConvGeometry:
         return self.kernel_volume
 
     def default_out_capacity(self, in_capacity: int, batch_size: int) -> int:
-        """``out_capacity`` when none is given (see ``sparse_conv``)."""
+        """``out_capacity`` when none is given (see ``sparse_conv``).
+
+        Regular: the input capacity (downsampling rarely adds sites). Transposed: the
+        largest count the geometry allows, so it never overflows. Both are capped by the
+        grid size; pass an explicit ``out_capacity`` to save memory.
+        """
         if self.mode == SUBM:
             return in_capacity
-        grid = batch_size * math.prod(self.out_shape)
-        bound = min(grid, in_capacity * self.max_outputs_per_input())
-        guess = in_capacity * (math.prod(self.strides) if self.mode == TRANSPOSED else 1)
-        return max(1, min(bound, guess))
+        bound = min(batch_size * math.prod(self.out_shape), in_capacity * self.max_outputs_per_input())
+        return max(1, bound if self.mode == TRANSPOSED else min(bound, in_capacity))
 
 
 def make_geometry(

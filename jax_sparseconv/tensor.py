@@ -52,14 +52,14 @@ def raise_if_overflow(record, what: str = "an op") -> None:
 def check_overflow(tree: Any) -> None:
     """Raises CapacityOverflowError if any SparseConvTensor in ``tree`` overflowed.
 
-    Call it on the host after a jitted step that returns SparseConvTensors (or their
-    ``overflow`` records): under ``jit`` an overflow cannot raise inside the
-    computation, so it travels as data until this check.
+    Call it on the host after a jitted step that returns SparseConvTensors (anywhere in
+    a pytree; other leaves are ignored): under ``jit`` an overflow cannot raise inside
+    the computation, so it travels as data (``tensor.overflow``) until this check.
     """
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, SparseConvTensor))
     for leaf in leaves:
-        record = leaf.overflow if isinstance(leaf, SparseConvTensor) else leaf
-        raise_if_overflow(jax.device_get(record), "a sparse op")
+        if isinstance(leaf, SparseConvTensor):
+            raise_if_overflow(jax.device_get(leaf.overflow), "a sparse op")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -91,6 +91,7 @@ class SparseConvTensor:
         self.indice_dict = dict(indice_dict or {})
         self.overflow = no_overflow() if overflow is None else overflow
         if validate:
+            self.features, self.indices = jnp.asarray(features), jnp.asarray(indices)
             self._validate()
 
     # ---- pytree -----------------------------------------------------------------
@@ -225,18 +226,18 @@ def validate_sites(indices: np.ndarray, spatial_shape: Sequence[int], batch_size
         return
     if active[:, 0].max() >= batch_size:
         row = active[active[:, 0] >= batch_size][0]
-        raise ValueError(f"batch index {row[0]} >= batch_size {batch_size} (site {tuple(row)})")
+        raise ValueError(f"batch index {row[0]} >= batch_size {batch_size} (site {tuple(row.tolist())})")
     coords = active[:, 1:]
     shape = np.asarray(spatial_shape)
     bad = np.any((coords < 0) | (coords >= shape), axis=1)
     if bad.any():
         row = active[bad][0]
         kind = "negative" if (row[1:] < 0).any() else "outside spatial_shape"
-        raise ValueError(f"site {tuple(int(v) for v in row)} has coordinates {kind} "
+        raise ValueError(f"site {tuple(row.tolist())} has coordinates {kind} "
                          f"{tuple(spatial_shape)}")
     unique, counts = np.unique(active, axis=0, return_counts=True)
     if (counts > 1).any():
-        raise ValueError(f"duplicate site {tuple(int(v) for v in unique[counts > 1][0])} "
+        raise ValueError(f"duplicate site {tuple(unique[counts > 1][0].tolist())} "
                          f"appears {counts.max()} times; sites must be unique")
 
 

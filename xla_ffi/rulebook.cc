@@ -63,6 +63,26 @@ int64_t site_key(const ConvGeometry& g, const int32_t* row,
   return encode_key(row[0], coords, shape, g.ndim);
 }
 
+// Inserts every active site into `table` (key -> row); rejects duplicates.
+ffi::Error index_sites(const ConvGeometry& g, const int32_t* indices,
+                       int64_t rows, HashTable* table) {
+  const int cols = g.ndim + 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* row = indices + r * cols;
+    if (row[0] < 0) continue;
+    bool inserted;
+    const int64_t slot = table->view.insert(site_key(g, row, g.in_shape),
+                                            static_cast<int32_t>(r), &inserted);
+    if (!inserted) {
+      return invalid("duplicate site " + describe_row(row, g.ndim) +
+                     " at indices rows " +
+                     std::to_string(table->values[slot]) + " and " +
+                     std::to_string(r));
+    }
+  }
+  return ffi::Error::Success();
+}
+
 // Submanifold: output rows are the input rows. in_nbr[i, k] is the row at
 // the site that row i reaches through offset k; out_nbr is in_nbr with the
 // offsets reversed, since the offsets are symmetric about the centre.
@@ -71,19 +91,8 @@ ffi::Error build_subm(const ConvGeometry& g, const int32_t* indices,
   const int cols = g.ndim + 1;
   const int64_t K = g.kernel_volume();
   HashTable table(rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int32_t* row = indices + r * cols;
-    if (row[0] < 0) continue;
-    bool inserted;
-    const int64_t slot = table.view.insert(site_key(g, row, g.in_shape),
-                                           static_cast<int32_t>(r), &inserted);
-    if (!inserted) {
-      return invalid("duplicate site " + describe_row(row, g.ndim) +
-                     " at indices rows " +
-                     std::to_string(table.values[slot]) + " and " +
-                     std::to_string(r));
-    }
-  }
+  if (auto err = index_sites(g, indices, rows, &table); err.failure())
+    return err;
   std::fill(in_nbr, in_nbr + rows * K, -1);
   std::fill(out_nbr, out_nbr + rows * K, -1);
   for (int64_t r = 0; r < rows; ++r) {
@@ -110,6 +119,11 @@ ffi::Error build_generative(const ConvGeometry& g, const int32_t* indices,
                             int32_t* in_nbr, int32_t* needed) {
   const int cols = g.ndim + 1;
   const int64_t K = g.kernel_volume();
+  {
+    HashTable inputs(rows);
+    if (auto err = index_sites(g, indices, rows, &inputs); err.failure())
+      return err;
+  }
   std::vector<int64_t> reached(rows * K, kEmptyKey);
   std::vector<int64_t> unique_keys;
   {

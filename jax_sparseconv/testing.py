@@ -1,0 +1,115 @@
+"""Dense references and random inputs for testing sparse ops (float64, numpy/JAX).
+
+The references densify, run the dense operation with ``jax.lax`` in float64, and
+read the result at the sparse output sites; ``dense_sites`` gives the exact set of
+output sites a sparse op must produce.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_sparseconv.geometry import REGULAR, SUBM, ConvGeometry
+from jax_sparseconv.tensor import SparseConvTensor
+
+
+def random_tensor(rng: np.random.Generator, batch_size: int, spatial_shape, channels: int, density: float = 0.3,
+                  padding_rows: int = 3, dtype=np.float32, min_active: int = 1) -> SparseConvTensor:
+    """Random unique sites in shuffled order, with padding rows scattered among them."""
+    spatial_shape = tuple(spatial_shape)
+    volume = batch_size * int(np.prod(spatial_shape))
+    n = min(volume, max(min_active, int(rng.binomial(volume, density))))
+    flat = rng.choice(volume, size=n, replace=False)
+    sites = np.stack(np.unravel_index(flat, (batch_size, *spatial_shape)), axis=1).astype(np.int32)
+    features = rng.normal(size=(n, channels)).astype(dtype)
+    capacity = n + padding_rows
+    order = rng.permutation(capacity)
+    indices = np.full((capacity, len(spatial_shape) + 1), -1, np.int32)
+    padded = np.zeros((capacity, channels), dtype)
+    indices[order[:n]] = sites
+    padded[order[:n]] = features
+    return SparseConvTensor(jnp.asarray(padded), jnp.asarray(indices), spatial_shape, batch_size)
+
+
+def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
+    spatial = tuple(range(1, ndim + 1))
+    return lax.ConvDimensionNumbers(lhs_spec=(0, ndim + 1) + spatial, rhs_spec=(ndim + 1, ndim) + tuple(range(ndim)),
+                                    out_spec=(0, ndim + 1) + spatial)
+
+
+def dense_conv(x: jax.Array, kernel: jax.Array, geometry: ConvGeometry) -> jax.Array:
+    """Dense ``[B, *out_shape, C_out]`` result of ``geometry`` on ``x [B, *in_shape, C_in]``.
+
+    subm and regular are cross-correlations (subm padded by ``(k // 2) * d``);
+    transposed is the gradient-of-conv geometry ``o = i * s - p + k * d``, written as
+    a conv of the stride-dilated input with the flipped kernel.
+    """
+    g, nd = geometry, geometry.ndim
+    dn = _dimension_numbers(nd)
+    if g.mode == SUBM:
+        pad = [((k // 2) * d,) * 2 for k, d in zip(g.kernel_size, g.dilation)]
+        return lax.conv_general_dilated(x, kernel, (1,) * nd, pad, rhs_dilation=g.dilation, dimension_numbers=dn,
+                                        precision=lax.Precision.HIGHEST)
+    if g.mode == REGULAR:
+        pad = [(p, p) for p in g.padding]
+        return lax.conv_general_dilated(x, kernel, g.strides, pad, rhs_dilation=g.dilation, dimension_numbers=dn,
+                                        precision=lax.Precision.HIGHEST)
+    pad = [(d * (k - 1) - p,) * 2 for k, d, p in zip(g.kernel_size, g.dilation, g.padding)]
+    flipped = kernel[(slice(None, None, -1),) * nd]
+    return lax.conv_general_dilated(x, flipped, (1,) * nd, pad, lhs_dilation=g.strides, rhs_dilation=g.dilation,
+                                    dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+
+
+def dense_sites(mask: jax.Array, geometry: ConvGeometry) -> jax.Array:
+    """``[B, *out_shape]`` bool: the output sites a sparse op produces from active ``mask``."""
+    if geometry.mode == SUBM:
+        return mask
+    ones = jnp.ones(geometry.kernel_size + (1, 1), jnp.float32)
+    reached = dense_conv(mask[..., None].astype(jnp.float32), ones, geometry)
+    return reached[..., 0] > 0.5
+
+
+def _window(x, init, op, geometry: ConvGeometry):
+    g = geometry
+    return lax.reduce_window(x, init, op, (1, *g.kernel_size, 1), (1, *g.strides, 1),
+                             [(0, 0)] + [(p, p) for p in g.padding] + [(0, 0)],
+                             window_dilation=(1, *g.dilation, 1))
+
+
+def dense_max_pool(x: jax.Array, mask: jax.Array, geometry: ConvGeometry) -> jax.Array:
+    """Max over the active inputs of each window (``-inf`` where there are none)."""
+    masked = jnp.where(mask[..., None], x, -jnp.inf)
+    return _window(masked, -jnp.inf, lax.max, geometry)
+
+
+def dense_avg_pool(x: jax.Array, mask: jax.Array, geometry: ConvGeometry) -> jax.Array:
+    """Mean over the active inputs of each window (``nan`` where there are none)."""
+    total = _window(jnp.where(mask[..., None], x, 0), 0.0, lax.add, geometry)
+    count = _window(mask[..., None].astype(x.dtype), 0.0, lax.add, geometry)
+    return total / count
+
+
+def active_mask(x: SparseConvTensor) -> jax.Array:
+    """``[B, *spatial_shape]`` bool occupancy of ``x``."""
+    ones = x.replace_feature(jnp.ones((x.capacity, 1), jnp.float32))
+    return ones.dense()[..., 0] > 0
+
+
+def at_sites(dense: jax.Array, indices) -> np.ndarray:
+    """Rows of ``dense [B, *shape, C]`` at the active ``indices`` (padding rows dropped)."""
+    indices = np.asarray(indices)
+    indices = indices[indices[:, 0] >= 0]
+    return np.asarray(dense)[tuple(indices.T)]
+
+
+def site_set(indices) -> set[tuple[int, ...]]:
+    """The active sites of an indices array, as a set of tuples."""
+    indices = np.asarray(indices)
+    return {tuple(int(v) for v in row) for row in indices[indices[:, 0] >= 0]}
+
+
+def dense_site_set(mask) -> set[tuple[int, ...]]:
+    return {tuple(int(v) for v in row) for row in np.argwhere(np.asarray(mask))}

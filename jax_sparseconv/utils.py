@@ -1,0 +1,93 @@
+"""Numpy helpers for real point clouds: load KITTI scans, voxelize, batch into a tensor.
+
+Everything here runs on the host with numpy (no JAX tracing); the result of
+``kitti_tensor`` is a padded ``SparseConvTensor`` ready for a jitted network.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from jax_sparseconv.tensor import SparseConvTensor, from_numpy
+
+KITTI_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)  # xmin, ymin, zmin, xmax, ymax, zmax (metres)
+
+
+def load_kitti_points(path: str | os.PathLike) -> np.ndarray:
+    """A KITTI Velodyne ``.bin`` scan as float32 ``[N, 4]``: x, y, z, reflectance."""
+    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+
+
+def voxelize(points: np.ndarray, voxel_size: float | Sequence[float],
+             coors_range: Sequence[float]) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Averages points into the voxels of a regular grid (spconv's conventions).
+
+    Args:
+      points: ``[N, F]`` float, ``F >= 3``; the first three columns are x, y, z.
+      voxel_size: one size for all axes, or ``(x, y, z)`` sizes.
+      coors_range: ``(xmin, ymin, zmin, xmax, ymax, zmax)``; the grid has
+        ``round((max - min) / voxel_size)`` voxels per axis, covering ``[min, max)``.
+
+    Returns:
+      ``coords`` int32 ``[M, 3]`` in ``(z, y, x)`` order, sorted by coordinate;
+      ``features`` float32 ``[M, F]``, the mean of each voxel's points (all columns);
+      ``spatial_shape``, the grid as ``(z, y, x)``.
+      Points outside the grid or with a non-finite value are dropped.
+    """
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] < 3:
+        raise ValueError(f"points must be [N, F] with F >= 3 (x, y, z first), got shape {points.shape}")
+    low = np.asarray(coors_range[:3], np.float64)
+    size = np.broadcast_to(np.asarray(voxel_size, np.float64), (3,))
+    grid_xyz = np.round((np.asarray(coors_range[3:], np.float64) - low) / size).astype(np.int64)
+    if (grid_xyz < 1).any():
+        raise ValueError(f"empty grid {tuple(grid_xyz)} for coors_range {tuple(coors_range)}, "
+                         f"voxel_size {tuple(size)}")
+
+    points = points[np.isfinite(points).all(axis=1)]
+    cells = np.floor((points[:, :3].astype(np.float64) - low) / size).astype(np.int64)
+    inside = ((cells >= 0) & (cells < grid_xyz)).all(axis=1)
+    points, cells = points[inside], cells[inside]
+
+    zyx = cells[:, ::-1]
+    shape_zyx = tuple(int(n) for n in grid_xyz[::-1])
+    keys = np.ravel_multi_index(tuple(zyx.T), shape_zyx)  # row-major over (z, y, x): sorts like the coords
+    unique_keys, voxel_of_point, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    sums = np.zeros((len(unique_keys), points.shape[1]), np.float64)
+    np.add.at(sums, voxel_of_point, points)
+    features = (sums / counts[:, None]).astype(np.float32)
+    coords = np.stack(np.unravel_index(unique_keys, shape_zyx), axis=1).astype(np.int32)
+    return coords, features, shape_zyx
+
+
+def kitti_tensor(paths_or_points, voxel_size: float | Sequence[float] = 0.05,
+                 coors_range: Sequence[float] = KITTI_RANGE, capacity: int | None = None) -> SparseConvTensor:
+    """A batch of voxelized scans as one ``SparseConvTensor``.
+
+    Args:
+      paths_or_points: a ``.bin`` path or a ``[N, F]`` point array, or a list of them
+        (one batch item each, in order).
+      voxel_size, coors_range: as in ``voxelize``.
+      capacity: row capacity; None picks ``capacity_bucket`` of the total voxel count.
+
+    Returns:
+      Features float32 ``[capacity, F]`` (per-voxel means), indices int32
+      ``[capacity, 4]`` as ``(batch, z, y, x)``, ``spatial_shape`` ``(z, y, x)``.
+    """
+    if isinstance(paths_or_points, (str, os.PathLike, np.ndarray)):
+        paths_or_points = [paths_or_points]
+    coords, features, spatial_shape = [], [], None
+    for b, item in enumerate(paths_or_points):
+        points = item if isinstance(item, np.ndarray) else load_kitti_points(item)
+        c, f, spatial_shape = voxelize(points, voxel_size, coors_range)
+        coords.append(np.concatenate([np.full((len(c), 1), b, np.int32), c], axis=1))
+        features.append(f)
+    if not coords:
+        raise ValueError("kitti_tensor needs at least one scan")
+    if len({f.shape[1] for f in features}) > 1:
+        raise ValueError(f"scans have different numbers of point features: {[f.shape[1] for f in features]}")
+    return from_numpy(np.concatenate(features), np.concatenate(coords), spatial_shape,
+                      batch_size=len(coords), capacity=capacity)
