@@ -91,8 +91,8 @@ class SparseConvTensor:
         self.indice_dict = dict(indice_dict or {})
         self.overflow = no_overflow() if overflow is None else overflow
         if validate:
-            self.features, self.indices = jnp.asarray(features), jnp.asarray(indices)
             self._validate()
+            self.features, self.indices = jnp.asarray(features), jnp.asarray(indices)
 
     # ---- pytree -----------------------------------------------------------------
     def tree_flatten(self):
@@ -206,12 +206,12 @@ class SparseConvTensor:
                              f"{self.spatial_shape} and {self.batch_size}")
         if getattr(f, "ndim", None) != 2:
             raise ValueError(f"features must be [capacity, C], got shape {getattr(f, 'shape', None)}")
-        if not jnp.issubdtype(f.dtype, jnp.floating):
+        if not jnp.issubdtype(getattr(f, "dtype", None), jnp.floating):
             raise ValueError(f"features must be floating point, got {f.dtype}")
         if getattr(idx, "ndim", None) != 2 or idx.shape[1] != self.ndim + 1:
             raise ValueError(f"indices must be [capacity, ndim + 1] = [*, {self.ndim + 1}] for "
                              f"spatial_shape {self.spatial_shape}, got shape {getattr(idx, 'shape', None)}")
-        if idx.dtype != jnp.int32:
+        if getattr(idx, "dtype", None) != jnp.int32:
             raise ValueError(f"indices must be int32, got {idx.dtype}")
         if f.shape[0] != idx.shape[0]:
             raise ValueError(f"features has {f.shape[0]} rows but indices has {idx.shape[0]}")

@@ -72,23 +72,27 @@ def dense_sites(mask: jax.Array, geometry: ConvGeometry) -> jax.Array:
     return reached[..., 0] > 0.5
 
 
-def _window(x, init, op, geometry: ConvGeometry):
+def _windows(x: jax.Array, fill, geometry: ConvGeometry) -> jax.Array:
+    """``[B, *out_shape, K, C]``: the input under each kernel offset of each output window."""
     g = geometry
-    return lax.reduce_window(x, init, op, (1, *g.kernel_size, 1), (1, *g.strides, 1),
-                             [(0, 0)] + [(p, p) for p in g.padding] + [(0, 0)],
-                             window_dilation=(1, *g.dilation, 1))
+    padded = jnp.pad(x, [(0, 0)] + [(p, p) for p in g.padding] + [(0, 0)], constant_values=fill)
+    taps = []
+    for offset in g.offsets():
+        start = [0] + [int(k) * d for k, d in zip(offset, g.dilation)] + [0]
+        limit = [x.shape[0]] + [b + (n - 1) * s + 1 for b, n, s in zip(start[1:], g.out_shape, g.strides)]
+        taps.append(lax.slice(padded, start, limit + [x.shape[-1]], [1, *g.strides, 1]))
+    return jnp.stack(taps, axis=-2)
 
 
 def dense_max_pool(x: jax.Array, mask: jax.Array, geometry: ConvGeometry) -> jax.Array:
     """Max over the active inputs of each window (``-inf`` where there are none)."""
-    masked = jnp.where(mask[..., None], x, -jnp.inf)
-    return _window(masked, -jnp.inf, lax.max, geometry)
+    return jnp.max(_windows(jnp.where(mask[..., None], x, -jnp.inf), -jnp.inf, geometry), axis=-2)
 
 
 def dense_avg_pool(x: jax.Array, mask: jax.Array, geometry: ConvGeometry) -> jax.Array:
     """Mean over the active inputs of each window (``nan`` where there are none)."""
-    total = _window(jnp.where(mask[..., None], x, 0), 0.0, lax.add, geometry)
-    count = _window(mask[..., None].astype(x.dtype), 0.0, lax.add, geometry)
+    total = jnp.sum(_windows(jnp.where(mask[..., None], x, 0), 0, geometry), axis=-2)
+    count = jnp.sum(_windows(mask[..., None].astype(x.dtype), 0, geometry), axis=-2)
     return total / count
 
 

@@ -61,6 +61,8 @@ def _lex_less(a: tuple, b: tuple) -> jax.Array:
 def _lookup(table: tuple, rows: jax.Array, queries: tuple) -> jax.Array:
     """Row of each query site in a sorted table of columns, or -1 (binary search)."""
     n = table[0].shape[0]
+    if n == 0:
+        return jnp.full(queries[0].shape, -1, jnp.int32)
     lo = jnp.zeros(queries[0].shape, jnp.int32)
     hi = jnp.full(queries[0].shape, n, jnp.int32)
 
@@ -90,7 +92,7 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
 
     # Sort every (input, offset) pair by the site it reaches; runs of equal sites are
     # one output row each, numbered in sorted order.
-    flat_sites, flat_valid = sites.reshape(n * K, -1), valid.reshape(n * K)
+    flat_sites, flat_valid = sites.reshape(n * K, geometry.ndim + 1), valid.reshape(n * K)
     *cols, pair = lax.sort(_columns(flat_sites, flat_valid) + (jnp.arange(n * K, dtype=jnp.int32),),
                            num_keys=geometry.ndim + 1)
     is_valid = cols[0] != _SENTINEL
@@ -117,6 +119,8 @@ def _accumulator(dtype) -> jnp.dtype:
 
 def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     """``x[rows]`` with zeros where ``rows == -1``."""
+    if x.shape[0] == 0:  # nothing to gather from (an empty tensor): every entry is -1
+        return jnp.zeros(rows.shape + x.shape[1:], x.dtype)
     safe = jnp.where(rows >= 0, rows, 0)
     return jnp.where((rows >= 0)[..., None], x[safe], 0)
 

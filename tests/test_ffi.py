@@ -1,0 +1,118 @@
+"""The native extension: it is really built, and its handlers survive hostile input."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jax_sparseconv as jsc
+from jax_sparseconv.backends import ffi, xla
+from jax_sparseconv.geometry import MODE_CODES, make_geometry
+
+
+def test_build_info_reports_the_native_extension():
+    info = jsc.build_info()
+    for key in ("version", "cpu_ffi", "cuda_ffi", "cuda_archs", "jax", "jaxlib", "ffi_api_version"):
+        assert key in info
+    if os.environ.get("JSC_ALLOW_NO_FFI") != "1":
+        assert info["cpu_ffi"], "the CPU extension was not built; see BUILD.md (JSC_ALLOW_NO_FFI=1 to skip)"
+        assert info["default_backend"] == "ffi"
+        assert info["ffi_api_version"][0] == 0
+
+
+def _raw_call(indices, out_capacity, kernel_volume, rows, **attrs):
+    """The rulebook handler called directly, bypassing every Python-side check."""
+    cols = indices.shape[1]
+    out_types = (jax.ShapeDtypeStruct((out_capacity, cols), jnp.int32),
+                 jax.ShapeDtypeStruct((out_capacity, kernel_volume), jnp.int32),
+                 jax.ShapeDtypeStruct((rows, kernel_volume), jnp.int32),
+                 jax.ShapeDtypeStruct((), jnp.int32))
+    call = jax.ffi.ffi_call("jsc_build_rulebook", out_types, vmap_method="sequential")
+    return jax.block_until_ready(call(indices, **{k: (np.int64(v) if np.isscalar(v) else np.asarray(v, np.int64))
+                                                  for k, v in attrs.items()}))
+
+
+@st.composite
+def _rulebook_inputs(draw):
+    ndim = draw(st.integers(1, 3))
+    mode = draw(st.sampled_from(["subm", "regular", "transposed"]))
+    shape = tuple(draw(st.integers(1, 6)) for _ in range(ndim))
+    kernel = tuple(draw(st.sampled_from([1, 3] if mode == "subm" else [1, 2, 3])) for _ in range(ndim))
+    strides = tuple(draw(st.integers(1, 3)) for _ in range(ndim))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(ndim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(ndim))
+    batch_size = draw(st.integers(1, 3))
+    rows = draw(st.integers(0, 12))
+    indices = np.asarray(draw(st.lists(st.lists(st.integers(-2, 7), min_size=ndim + 1, max_size=ndim + 1),
+                                       min_size=rows, max_size=rows)), np.int32).reshape(rows, ndim + 1)
+    out_capacity = draw(st.integers(1, 40))
+    return mode, shape, kernel, strides, padding, dilation, batch_size, indices, out_capacity
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_rulebook_inputs())
+def test_rulebook_handler_on_random_sites(inputs):
+    """Random (often invalid) sites: a clear error for bad ones, the XLA backend's exact answer otherwise."""
+    mode, shape, kernel, strides, padding, dilation, batch_size, indices, out_capacity = inputs
+    try:
+        geometry = make_geometry(mode, shape, kernel, strides, padding, dilation)
+    except ValueError:
+        return
+    if mode == "subm":
+        out_capacity = len(indices)
+    active = indices[indices[:, 0] >= 0]
+    in_range = (active[:, 0] < batch_size).all() and ((active[:, 1:] >= 0) & (active[:, 1:] < shape)).all()
+    unique = len(np.unique(active, axis=0)) == len(active)
+    args = (jnp.asarray(indices), geometry, batch_size, out_capacity)
+    if not in_range:
+        with pytest.raises(Exception, match="lies outside batch_size x spatial_shape"):
+            jax.block_until_ready(ffi.build_rulebook(*args))
+    elif not unique:
+        with pytest.raises(Exception, match="duplicate site"):
+            jax.block_until_ready(ffi.build_rulebook(*args))
+    else:
+        for a, b in zip(ffi.build_rulebook(*args), xla.build_rulebook(*args)):
+            np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ndim=st.integers(0, 6), rows=st.integers(0, 5), cols=st.integers(0, 6), out_capacity=st.integers(0, 5),
+       kernel_volume=st.integers(0, 10), in_nbr_rows=st.integers(0, 6), mode=st.integers(-1, 3),
+       batch_size=st.integers(-1, 3), attr_len=st.integers(0, 6), value=st.integers(-3, 4))
+def test_rulebook_handler_rejects_inconsistent_shapes(ndim, rows, cols, out_capacity, kernel_volume, in_nbr_rows,
+                                                       mode, batch_size, attr_len, value):
+    """Mismatched buffer shapes and nonsense attributes give an error, never a crash."""
+    indices = jnp.zeros((rows, cols), jnp.int32)
+    attrs = dict(mode=mode, batch_size=batch_size, in_shape=[4] * ndim, out_shape=[4] * attr_len,
+                 kernel_size=[value] * ndim, strides=[1] * ndim, padding=[0] * ndim, dilation=[1] * ndim)
+    try:
+        _raw_call(indices, out_capacity, kernel_volume, in_nbr_rows, **attrs)
+    except Exception as err:  # noqa: BLE001 - any Python error is fine; a crash is not
+        assert "jax_sparseconv" in str(err) or "Wrong" in str(err) or "attribute" in str(err)
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_CODES))
+@pytest.mark.parametrize("backend", ["xla", "ffi"])
+@pytest.mark.parametrize("rows", [0, 1, "padding"])
+def test_degenerate_tensors(mode, backend, rows):
+    """Empty tensors, all-padding tensors and a single active site."""
+    indices = {0: np.zeros((0, 4), np.int32), 1: np.array([[0, 2, 3, 1]], np.int32),
+               "padding": np.full((4, 4), -1, np.int32)}[rows]
+    x = jsc.SparseConvTensor(jnp.ones((len(indices), 2)), jnp.asarray(indices), (5, 6, 4), 1)
+    kernel = jnp.full((3, 3, 3, 2, 3), 0.5)
+    y = jsc.sparse_conv(x, kernel, subm=mode == "subm", transposed=mode == "transposed", padding=1,
+                        out_capacity=None if mode == "subm" else 40, backend=backend)
+    expected = {0: 0, "padding": 0, 1: 1 if mode == "subm" else 27}[rows]
+    assert int(y.num_active) == expected
+    # A lone site is the only neighbour of each output: 2 channels x 0.5.
+    np.testing.assert_array_equal(np.asarray(y.features)[np.asarray(y.active)], 1.0)
+    assert not np.asarray(y.features)[~np.asarray(y.active)].any()
+    grad = jax.grad(lambda f: jsc.sparse_conv(x.replace_feature(f), kernel, subm=mode == "subm",
+                                              transposed=mode == "transposed", padding=1,
+                                              out_capacity=None if mode == "subm" else 40,
+                                              backend=backend).features.sum())(x.features)
+    assert grad.shape == x.features.shape
