@@ -7,12 +7,14 @@ output sites a sparse op must produce.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_sparseconv.geometry import REGULAR, SUBM, ConvGeometry
+from jax_sparseconv.geometry import REGULAR, SUBM, TRANSPOSED, ConvGeometry
 from jax_sparseconv.tensor import SparseConvTensor
 
 
@@ -61,6 +63,17 @@ def dense_conv(x: jax.Array, kernel: jax.Array, geometry: ConvGeometry) -> jax.A
     flipped = kernel[(slice(None, None, -1),) * nd]
     return lax.conv_general_dilated(x, flipped, (1,) * nd, pad, lhs_dilation=g.strides, rhs_dilation=g.dilation,
                                     dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+
+
+def dense_inverse_conv(y: jax.Array, kernel: jax.Array, forward: ConvGeometry) -> jax.Array:
+    """Dense ``[B, *forward.in_shape, C_out]`` transpose of the regular conv ``forward`` applied to
+    its output grid ``y`` (spconv's SparseInverseConv before masking to the input sites)."""
+    unpadded = dataclasses.replace(forward, mode=TRANSPOSED, in_shape=forward.out_shape,
+                                   padding=(0,) * forward.ndim)
+    out = dense_conv(y, kernel, unpadded)  # site i + padding
+    sizes = [min(n, t - p) for n, t, p in zip(forward.in_shape, out.shape[1:-1], forward.padding)]
+    out = out[(slice(None),) + tuple(slice(p, p + m) for p, m in zip(forward.padding, sizes)) + (slice(None),)]
+    return jnp.pad(out, [(0, 0)] + [(0, n - m) for n, m in zip(forward.in_shape, sizes)] + [(0, 0)])
 
 
 def dense_sites(mask: jax.Array, geometry: ConvGeometry) -> jax.Array:
