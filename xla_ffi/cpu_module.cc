@@ -9,6 +9,11 @@ namespace nb = nanobind;
 
 namespace jsc {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BuildRulebook);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmul);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulGrad);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherSum);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMax);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMaxGrad);
 }  // namespace jsc
 
 namespace {
@@ -27,6 +32,11 @@ NB_MODULE(_cpu, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets["jsc_build_rulebook"] = capsule(jsc::BuildRulebook);
+    targets["jsc_gather_matmul"] = capsule(jsc::GatherMatmul);
+    targets["jsc_gather_matmul_grad"] = capsule(jsc::GatherMatmulGrad);
+    targets["jsc_gather_sum"] = capsule(jsc::GatherSum);
+    targets["jsc_gather_max"] = capsule(jsc::GatherMax);
+    targets["jsc_gather_max_grad"] = capsule(jsc::GatherMaxGrad);
     return targets;
   });
   m.attr("ffi_api_version") =

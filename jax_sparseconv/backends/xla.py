@@ -112,7 +112,7 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
 
 # ---- feature kernels ---------------------------------------------------------------
 
-def _accumulator(dtype) -> jnp.dtype:
+def accumulator(dtype) -> jnp.dtype:
     """float32 accumulation for half types, the input type for float32/float64."""
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -131,7 +131,7 @@ def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array) -> jax.Array:
     Conv forward (with out_nbr) and its input gradient (with in_nbr and w transposed).
     Returns ``[M, Cout]`` in the accumulation dtype.
     """
-    acc = _accumulator(x.dtype)
+    acc = accumulator(x.dtype)
 
     def step(k, out):
         rows = lax.dynamic_index_in_dim(nbr, k, axis=1, keepdims=False)
@@ -142,7 +142,7 @@ def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array) -> jax.Array:
 
 def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array) -> jax.Array:
     """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``: the kernel gradient, ``[K, Cin, Cout]``."""
-    acc = _accumulator(x.dtype)
+    acc = accumulator(x.dtype)
 
     def one_offset(rows):
         return jnp.matmul(_gather_rows(x, rows).T, g, preferred_element_type=acc)
@@ -152,7 +152,7 @@ def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array) -> jax.Array:
 
 def gather_sum(x: jax.Array, nbr: jax.Array) -> jax.Array:
     """``out[r] = sum_k x[nbr[r, k]]``, ``[M, C]`` in the accumulation dtype."""
-    acc = _accumulator(x.dtype)
+    acc = accumulator(x.dtype)
 
     def step(k, out):
         return out + _gather_rows(x, lax.dynamic_index_in_dim(nbr, k, axis=1, keepdims=False)).astype(acc)

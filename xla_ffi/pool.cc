@@ -1,0 +1,190 @@
+// Pooling kernels on the CPU, along the same neighbour maps as convolutions:
+//   GatherSum:     out[r] = sum_k x[nbr[r, k]]                 (avg pool)
+//   GatherMax:     out[r] = max_k x[nbr[r, k]], argk = first k  (max pool)
+//   GatherMaxGrad: dx[i] = sum_k g[o] where argk[o] == k, o = in_nbr[i, k]
+// Outputs use the accumulation type; rows are split into fixed tiles.
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "jsc/dtype.h"
+#include "jsc/ffi_util.h"
+#include "jsc/gather.h"
+#include "jsc/parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jsc {
+namespace {
+
+constexpr int64_t kTileRows = 256;
+
+// Calls body(row) for every row, in parallel tiles.
+template <typename Body>
+void for_rows(ffi::ThreadPool& pool, int64_t rows, Body body) {
+  parallel_for(pool, (rows + kTileRows - 1) / kTileRows, [&](int64_t tile) {
+    const int64_t end = std::min(rows, (tile + 1) * kTileRows);
+    for (int64_t r = tile * kTileRows; r < end; ++r) body(r);
+  });
+}
+
+// Shapes shared by the three handlers: table [N, C] and a neighbour map
+// [M, K] whose entries are rows of the table.
+ffi::Error check_pool_args(const ffi::AnyBuffer& table,
+                           const ffi::Buffer<ffi::S32>& nbr, const char* what) {
+  if (table.dimensions().size() != 2 || nbr.dimensions().size() != 2) {
+    return invalid(std::string(what) + " expects [N, C] features and a [M, K] neighbour map");
+  }
+  return check_neighbours(nbr.typed_data(), nbr.element_count(),
+                          table.dimensions()[0], "nbr");
+}
+
+ffi::Error check_out(const ffi::AnyBuffer& out, int64_t rows, int64_t cols,
+                     ffi::DataType type, const char* what) {
+  if (auto err = check_matrix(out, what, rows, cols); err.failure()) return err;
+  if (out.element_type() != type) {
+    return invalid(std::string(what) + " has the wrong dtype");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                         ffi::Buffer<ffi::S32> nbr,
+                         ffi::Result<ffi::AnyBuffer> out) {
+  if (auto err = check_pool_args(x, nbr, "gather_sum");
+      err.failure())
+    return err;
+  const int64_t C = x.dimensions()[1], rows = nbr.dimensions()[0],
+                K = nbr.dimensions()[1];
+  const int32_t* nb = nbr.typed_data();
+  ffi::Error status = ffi::Error::Success();
+  const bool known = dispatch_float(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename Accum<T>::type;
+    status = check_out(*out, rows, C, FfiType<Acc>::value, "gather_sum out");
+    if (status.failure()) return;
+    const T* xs = reinterpret_cast<const T*>(x.untyped_data());
+    Acc* o = reinterpret_cast<Acc*>(out->untyped_data());
+    for_rows(pool, rows, [&](int64_t r) {
+      Acc* orow = o + r * C;
+      std::fill(orow, orow + C, Acc(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t s = nb[r * K + k];
+        if (s < 0) continue;
+        const T* xrow = xs + static_cast<int64_t>(s) * C;
+        for (int64_t c = 0; c < C; ++c) orow[c] += static_cast<Acc>(to_float(xrow[c]));
+      }
+    });
+  });
+  if (!known) return invalid("gather_sum: unsupported dtype");
+  return status;
+}
+
+ffi::Error GatherMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                         ffi::Buffer<ffi::S32> nbr,
+                         ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::Buffer<ffi::S32>> argk) {
+  if (auto err = check_pool_args(x, nbr, "gather_max");
+      err.failure())
+    return err;
+  const int64_t C = x.dimensions()[1], rows = nbr.dimensions()[0],
+                K = nbr.dimensions()[1];
+  if (auto err = check_matrix(*argk, "argk", rows, C); err.failure()) return err;
+  const int32_t* nb = nbr.typed_data();
+  int32_t* ak = argk->typed_data();
+  ffi::Error status = ffi::Error::Success();
+  const bool known = dispatch_float(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename Accum<T>::type;
+    status = check_out(*out, rows, C, FfiType<Acc>::value, "gather_max out");
+    if (status.failure()) return;
+    const T* xs = reinterpret_cast<const T*>(x.untyped_data());
+    Acc* o = reinterpret_cast<Acc*>(out->untyped_data());
+    for_rows(pool, rows, [&](int64_t r) {
+      Acc* orow = o + r * C;
+      int32_t* arow = ak + r * C;
+      std::fill(orow, orow + C, Acc(0));
+      std::fill(arow, arow + C, -1);
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t s = nb[r * K + k];
+        if (s < 0) continue;
+        const T* xrow = xs + static_cast<int64_t>(s) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const Acc v = static_cast<Acc>(to_float(xrow[c]));
+          if (arow[c] < 0 || v > orow[c]) {
+            orow[c] = v;
+            arow[c] = static_cast<int32_t>(k);
+          }
+        }
+      }
+    });
+  });
+  if (!known) return invalid("gather_max: unsupported dtype");
+  return status;
+}
+
+ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
+                             ffi::Buffer<ffi::S32> argk,
+                             ffi::Buffer<ffi::S32> in_nbr,
+                             ffi::Result<ffi::AnyBuffer> dx) {
+  // in_nbr entries are rows of g (outputs of the pool).
+  if (auto err = check_pool_args(g, in_nbr, "gather_max_grad");
+      err.failure())
+    return err;
+  const int64_t C = g.dimensions()[1], rows = in_nbr.dimensions()[0],
+                K = in_nbr.dimensions()[1];
+  if (auto err = check_matrix(argk, "argk", g.dimensions()[0], C); err.failure())
+    return err;
+  const int32_t* nb = in_nbr.typed_data();
+  const int32_t* ak = argk.typed_data();
+  ffi::Error status = ffi::Error::Success();
+  const bool known = dispatch_float(g.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename Accum<T>::type;
+    status = check_out(*dx, rows, C, FfiType<Acc>::value, "gather_max_grad dx");
+    if (status.failure()) return;
+    const T* gs = reinterpret_cast<const T*>(g.untyped_data());
+    Acc* d = reinterpret_cast<Acc*>(dx->untyped_data());
+    for_rows(pool, rows, [&](int64_t i) {
+      Acc* drow = d + i * C;
+      std::fill(drow, drow + C, Acc(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t o = nb[i * K + k];
+        if (o < 0) continue;
+        const T* grow = gs + static_cast<int64_t>(o) * C;
+        const int32_t* arow = ak + static_cast<int64_t>(o) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          if (arow[c] == k) drow[c] += static_cast<Acc>(to_float(grow[c]));
+        }
+      }
+    });
+  });
+  if (!known) return invalid("gather_max_grad: unsupported dtype");
+  return status;
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherSum, GatherSumImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x [N, C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr [M, K]
+                                  .Ret<ffi::AnyBuffer>());        // out [M, C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMax, GatherMaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x [N, C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr [M, K]
+                                  .Ret<ffi::AnyBuffer>()          // out [M, C]
+                                  .Ret<ffi::Buffer<ffi::S32>>()); // argk [M, C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMaxGrad, GatherMaxGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // g [M, C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // argk [M, C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // in_nbr [N, K]
+                                  .Ret<ffi::AnyBuffer>());        // dx [N, C]
+
+}  // namespace jsc
