@@ -18,47 +18,77 @@
 namespace jsc {
 namespace {
 
-constexpr int64_t kTileRows = 64;  // output rows per task
-constexpr int kBlockRows = 4;      // register block: rows
-constexpr int kBlockCols = 32;     // register block: output channels
+// 64-byte SIMD vectors (one AVX-512 register; two or four narrower ones
+// elsewhere) through GCC's vector extensions. Loads and stores go through
+// the reduced-alignment typedef, so rows need no alignment.
+template <typename Acc> struct Simd;
+template <> struct Simd<float> {
+  typedef float type __attribute__((vector_size(64), aligned(4)));
+};
+template <> struct Simd<double> {
+  typedef double type __attribute__((vector_size(64), aligned(8)));
+};
+template <typename Acc> using Vec = typename Simd<Acc>::type;
+template <typename Acc> constexpr int kLanes = 64 / sizeof(Acc);
 
-// acc[pos[j], :] += a[j, :] @ w for j < m; a [m, cin], w [cin, cout],
-// acc rows of length cout. Blocks of 4 rows x 32 columns stay in registers.
+constexpr int64_t kTileRows = 1024;  // output rows per forward task
+constexpr int64_t kChunkPairs = 256;  // pairs per kernel-gradient pass
+constexpr int kMaxBlockRows = 8;      // register block: rows
+
+// out_rows[q][c0 : c0 + NV * lanes] += a[q, :] @ w[:, c0 : c0 + NV * lanes]
+// for q < R; a [R, cin] packed, w [cin, cout]. R x NV vector accumulators.
+template <typename Acc, int R, int NV>
+void block_kernel(const Acc* a, int64_t cin, const Acc* w, int64_t cout,
+                  int64_t c0, Acc* const* out_rows) {
+  using V = Vec<Acc>;
+  constexpr int L = kLanes<Acc>;
+  V acc[R][NV] = {};
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const V*>(w + ci * cout + c0 + v * L);
+#pragma GCC unroll 8
+    for (int q = 0; q < R; ++q) {
+      const Acc av = a[q * cin + ci];
+      for (int v = 0; v < NV; ++v) acc[q][v] += av * wv[v];
+    }
+  }
+  for (int q = 0; q < R; ++q) {
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(out_rows[q] + c0 + v * L) += acc[q][v];
+  }
+}
+
+template <typename Acc, int R>
+void rows_kernel(const Acc* a, int64_t cin, const Acc* w, int64_t cout,
+                 Acc* const* out_rows) {
+  constexpr int64_t L = kLanes<Acc>;
+  int64_t c0 = 0;
+  for (; c0 + 2 * L <= cout; c0 += 2 * L) block_kernel<Acc, R, 2>(a, cin, w, cout, c0, out_rows);
+  if (c0 + L <= cout) {
+    block_kernel<Acc, R, 1>(a, cin, w, cout, c0, out_rows);
+    c0 += L;
+  }
+  for (int q = 0; q < R; ++q) {  // remaining columns
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      const Acc av = a[q * cin + ci];
+      for (int64_t c = c0; c < cout; ++c) out_rows[q][c] += av * w[ci * cout + c];
+    }
+  }
+}
+
+// acc[pos[j], :] += a[j, :] @ w for j < m; a [m, cin] packed, w [cin, cout].
 template <typename Acc>
 void accumulate_rows(const Acc* a, int64_t m, const Acc* w, int64_t cin,
                      int64_t cout, const int32_t* pos, Acc* acc) {
-  int64_t j = 0;
-  for (; j + kBlockRows <= m; j += kBlockRows) {
-    int64_t c0 = 0;
-    for (; c0 + kBlockCols <= cout; c0 += kBlockCols) {
-      Acc block[kBlockRows][kBlockCols] = {};
-      for (int64_t ci = 0; ci < cin; ++ci) {
-        const Acc* wrow = w + ci * cout + c0;
-        for (int q = 0; q < kBlockRows; ++q) {
-          const Acc av = a[(j + q) * cin + ci];
-#pragma GCC unroll 32
-          for (int c = 0; c < kBlockCols; ++c) block[q][c] += av * wrow[c];
-        }
-      }
-      for (int q = 0; q < kBlockRows; ++q) {
-        Acc* out = acc + static_cast<int64_t>(pos[j + q]) * cout + c0;
-        for (int c = 0; c < kBlockCols; ++c) out[c] += block[q][c];
-      }
-    }
-    for (int q = 0; q < kBlockRows; ++q) {  // remaining columns
-      Acc* out = acc + static_cast<int64_t>(pos[j + q]) * cout;
-      for (int64_t ci = 0; ci < cin; ++ci) {
-        const Acc av = a[(j + q) * cin + ci];
-        for (int64_t c = c0; c < cout; ++c) out[c] += av * w[ci * cout + c];
-      }
-    }
-  }
-  for (; j < m; ++j) {  // remaining rows
-    Acc* out = acc + static_cast<int64_t>(pos[j]) * cout;
-    for (int64_t ci = 0; ci < cin; ++ci) {
-      const Acc av = a[j * cin + ci];
-      for (int64_t c = 0; c < cout; ++c) out[c] += av * w[ci * cout + c];
-    }
+  using Kernel = void (*)(const Acc*, int64_t, const Acc*, int64_t, Acc* const*);
+  static constexpr Kernel kernels[kMaxBlockRows + 1] = {
+      nullptr,           rows_kernel<Acc, 1>, rows_kernel<Acc, 2>,
+      rows_kernel<Acc, 3>, rows_kernel<Acc, 4>, rows_kernel<Acc, 5>,
+      rows_kernel<Acc, 6>, rows_kernel<Acc, 7>, rows_kernel<Acc, 8>};
+  Acc* rows[kMaxBlockRows];
+  for (int64_t j = 0; j < m; j += kMaxBlockRows) {
+    const int64_t r = std::min<int64_t>(kMaxBlockRows, m - j);
+    for (int64_t q = 0; q < r; ++q) rows[q] = acc + static_cast<int64_t>(pos[j + q]) * cout;
+    kernels[r](a + j * cin, cin, w, cout, rows);
   }
 }
 
@@ -75,61 +105,87 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
     const int64_t end = std::min(rows, begin + kTileRows);
     Acc* acc = out + begin * cout;
     std::fill(acc, acc + (end - begin) * cout, Acc(0));
-    int32_t pos[kTileRows], src[kTileRows];
+    std::vector<int32_t> pos(kTileRows), src(kTileRows);
     std::vector<Acc> packed(kTileRows * cin);
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t m = collect_pairs(nbr, K, k, begin, end, pos, src);
+      const int64_t m = collect_pairs(nbr, K, k, begin, end, pos.data(), src.data());
       if (m == 0) continue;
-      pack_rows(x, cin, src, m, packed.data());
+      pack_rows(x, cin, src.data(), m, packed.data());
       accumulate_rows(packed.data(), m, w.data() + k * cin * cout, cin, cout,
-                      pos, acc);
+                      pos.data(), acc);
     }
   });
 }
 
-// dw[k][ci, :] += sum_j a[j, ci] * g[j, :] over the pairs of offset k, for a
-// block of input channels [c_begin, c_end).
+// dw[ci, :] += sum_j a[j, ci] * g[j, :] for j < m; a [m, cin], g [m, cout]
+// packed. Blocks of 4 input channels x 2 vectors of outputs in registers.
 template <typename Acc>
 void accumulate_outer(const Acc* a, const Acc* g, int64_t m, int64_t cin,
-                      int64_t cout, int64_t c_begin, int64_t c_end, Acc* dw) {
-  for (int64_t ci = c_begin; ci < c_end; ++ci) {
-    Acc* drow = dw + ci * cout;
+                      int64_t cout, Acc* dw) {
+  using V = Vec<Acc>;
+  constexpr int L = kLanes<Acc>;
+  constexpr int Q = 4;
+  int64_t c0 = 0;
+  for (; c0 + 2 * L <= cout; c0 += 2 * L) {
+    int64_t ci = 0;
+    for (; ci + Q <= cin; ci += Q) {
+      V acc[Q][2] = {};
+      for (int64_t j = 0; j < m; ++j) {
+        const V g0 = *reinterpret_cast<const V*>(g + j * cout + c0);
+        const V g1 = *reinterpret_cast<const V*>(g + j * cout + c0 + L);
+        for (int q = 0; q < Q; ++q) {
+          const Acc av = a[j * cin + ci + q];
+          acc[q][0] += av * g0;
+          acc[q][1] += av * g1;
+        }
+      }
+      for (int q = 0; q < Q; ++q) {
+        *reinterpret_cast<V*>(dw + (ci + q) * cout + c0) += acc[q][0];
+        *reinterpret_cast<V*>(dw + (ci + q) * cout + c0 + L) += acc[q][1];
+      }
+    }
+    for (; ci < cin; ++ci) {  // remaining input channels
+      for (int64_t j = 0; j < m; ++j) {
+        const Acc av = a[j * cin + ci];
+        for (int64_t c = c0; c < c0 + 2 * L; ++c) dw[ci * cout + c] += av * g[j * cout + c];
+      }
+    }
+  }
+  for (int64_t ci = 0; ci < cin; ++ci) {  // remaining output channels
     for (int64_t j = 0; j < m; ++j) {
       const Acc av = a[j * cin + ci];
-      const Acc* grow = g + j * cout;
-      for (int64_t c = 0; c < cout; ++c) drow[c] += av * grow[c];
+      for (int64_t c = c0; c < cout; ++c) dw[ci * cout + c] += av * g[j * cout + c];
     }
   }
 }
 
-constexpr int64_t kGradChannels = 16;  // input channels per kernel-grad task
-
+// One task per offset: it owns dw[k] and walks the pairs in row order.
 template <typename T>
 void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
                         const T* g, int64_t cout, const int32_t* nbr,
                         int64_t rows, int64_t K,
                         typename Accum<T>::type* dw) {
   using Acc = typename Accum<T>::type;
-  const int64_t blocks = (cin + kGradChannels - 1) / kGradChannels;
-  parallel_for(pool, K * blocks, [&](int64_t task) {
-    const int64_t k = task / blocks;
-    const int64_t c_begin = (task % blocks) * kGradChannels;
-    const int64_t c_end = std::min(cin, c_begin + kGradChannels);
+  parallel_for(pool, K, [&](int64_t k) {
     Acc* dwk = dw + k * cin * cout;
-    for (int64_t ci = c_begin; ci < c_end; ++ci)
-      std::fill(dwk + ci * cout, dwk + (ci + 1) * cout, Acc(0));
-    int32_t pos[kTileRows], src[kTileRows], dst[kTileRows];
-    std::vector<Acc> packed_x(kTileRows * cin), packed_g(kTileRows * cout);
-    for (int64_t begin = 0; begin < rows; begin += kTileRows) {
-      const int64_t end = std::min(rows, begin + kTileRows);
-      const int64_t m = collect_pairs(nbr, K, k, begin, end, pos, src);
-      if (m == 0) continue;
-      for (int64_t j = 0; j < m; ++j) dst[j] = static_cast<int32_t>(begin + pos[j]);
-      pack_rows(x, cin, src, m, packed_x.data());
-      pack_rows(g, cout, dst, m, packed_g.data());
-      accumulate_outer(packed_x.data(), packed_g.data(), m, cin, cout, c_begin,
-                       c_end, dwk);
+    std::fill(dwk, dwk + cin * cout, Acc(0));
+    std::vector<int32_t> pos(kChunkPairs), src(kChunkPairs), dst(kChunkPairs);
+    std::vector<Acc> packed_x(kChunkPairs * cin), packed_g(kChunkPairs * cout);
+    int64_t m = 0;
+    auto flush = [&] {
+      pack_rows(x, cin, src.data(), m, packed_x.data());
+      pack_rows(g, cout, dst.data(), m, packed_g.data());
+      accumulate_outer(packed_x.data(), packed_g.data(), m, cin, cout, dwk);
+      m = 0;
+    };
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t s = nbr[r * K + k];
+      if (s < 0) continue;
+      src[m] = s;
+      dst[m++] = static_cast<int32_t>(r);
+      if (m == kChunkPairs) flush();
     }
+    if (m > 0) flush();
   });
 }
 
