@@ -1,6 +1,10 @@
 // Rulebook construction on the CPU: which input row meets which output row
 // through which kernel offset, as two neighbour maps (see rulebook.py).
+// Input sites go into a hash table of 64-bit keys; look-ups run in parallel
+// row tiles, each writing only its own rows, so results do not depend on the
+// number of threads.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -8,6 +12,7 @@
 #include "jsc/ffi_util.h"
 #include "jsc/geometry.h"
 #include "jsc/hash_table.h"
+#include "jsc/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jsc {
@@ -16,17 +21,68 @@ namespace {
 using S32 = ffi::Buffer<ffi::S32>;
 using S32Result = ffi::ResultBuffer<ffi::S32>;
 
-// A hash table with its own storage.
-struct HashTable {
-  std::vector<int64_t> keys;
-  std::vector<int32_t> values;
-  HashTableView view;
+constexpr int64_t kTileRows = 2048;  // rows per parallel task
 
-  explicit HashTable(int64_t n)
-      : keys(hash_table_size(n), kEmptyKey), values(keys.size(), -1) {
-    view = {keys.data(), values.data(), static_cast<int64_t>(keys.size())};
+int64_t site_key(const ConvGeometry& g, const int32_t* row) {
+  int64_t coords[kMaxDims];
+  for (int d = 0; d < g.ndim; ++d) coords[d] = row[d + 1];
+  return encode_key(row[0], coords, g.in_shape, g.ndim);
+}
+
+// The active input sites as a hash set of row numbers keyed by their site.
+// A slot holds only a row (4 bytes; keys are recomputed from `indices`), so
+// the table of a whole scan stays in the L2 cache during the look-ups.
+class RowTable {
+ public:
+  RowTable(const ConvGeometry& g, const int32_t* indices, int64_t rows)
+      : g_(g), indices_(indices), slots_(hash_table_size(rows), -1),
+        mask_(static_cast<uint64_t>(slots_.size() - 1)) {}
+
+  // Inserts `row`; returns the row already holding its site, or -1.
+  int32_t insert(int32_t row) {
+    const int64_t key = key_of(row);
+    for (uint64_t slot = home_slot(key) & mask_;; slot = (slot + 1) & mask_) {
+      if (slots_[slot] < 0) {
+        slots_[slot] = row;
+        return -1;
+      }
+      if (key_of(slots_[slot]) == key) return slots_[slot];
+    }
   }
+
+  // The row holding the site `key`, or -1.
+  int32_t find(int64_t key) const {
+    for (uint64_t slot = home_slot(key) & mask_;; slot = (slot + 1) & mask_) {
+      if (slots_[slot] < 0 || key_of(slots_[slot]) == key) return slots_[slot];
+    }
+  }
+
+ private:
+  int64_t key_of(int32_t row) const {
+    return site_key(g_, indices_ + static_cast<int64_t>(row) * (g_.ndim + 1));
+  }
+
+  const ConvGeometry& g_;
+  const int32_t* indices_;
+  std::vector<int32_t> slots_;
+  uint64_t mask_;
 };
+
+// Kernel offsets unravelled once: offsets[k * ndim + d].
+std::vector<int64_t> offset_table(const ConvGeometry& g) {
+  const int64_t K = g.kernel_volume();
+  std::vector<int64_t> offsets(K * g.ndim);
+  for (int64_t k = 0; k < K; ++k) unravel_offset(g, k, offsets.data() + k * g.ndim);
+  return offsets;
+}
+
+template <typename Body>
+void for_row_tiles(ffi::ThreadPool& pool, int64_t rows, Body body) {
+  parallel_for(pool, (rows + kTileRows - 1) / kTileRows, [&](int64_t tile) {
+    const int64_t end = std::min(rows, (tile + 1) * kTileRows);
+    for (int64_t r = tile * kTileRows; r < end; ++r) body(r);
+  });
+}
 
 std::string describe_row(const int32_t* row, int ndim) {
   std::string s = "(";
@@ -56,27 +112,17 @@ ffi::Error check_sites(const ConvGeometry& g, const int32_t* indices,
   return ffi::Error::Success();
 }
 
-int64_t site_key(const ConvGeometry& g, const int32_t* row,
-                 const int64_t* shape) {
-  int64_t coords[kMaxDims];
-  for (int d = 0; d < g.ndim; ++d) coords[d] = row[d + 1];
-  return encode_key(row[0], coords, shape, g.ndim);
-}
-
-// Inserts every active site into `table` (key -> row); rejects duplicates.
+// Inserts every active row into `table`; rejects duplicate sites.
 ffi::Error index_sites(const ConvGeometry& g, const int32_t* indices,
-                       int64_t rows, HashTable* table) {
+                       int64_t rows, RowTable* table) {
   const int cols = g.ndim + 1;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* row = indices + r * cols;
     if (row[0] < 0) continue;
-    bool inserted;
-    const int64_t slot = table->view.insert(site_key(g, row, g.in_shape),
-                                            static_cast<int32_t>(r), &inserted);
-    if (!inserted) {
+    const int32_t first = table->insert(static_cast<int32_t>(r));
+    if (first >= 0) {
       return invalid("duplicate site " + describe_row(row, g.ndim) +
-                     " at indices rows " +
-                     std::to_string(table->values[slot]) + " and " +
+                     " at indices rows " + std::to_string(first) + " and " +
                      std::to_string(r));
     }
   }
@@ -86,64 +132,103 @@ ffi::Error index_sites(const ConvGeometry& g, const int32_t* indices,
 // Submanifold: output rows are the input rows. in_nbr[i, k] is the row at
 // the site that row i reaches through offset k; out_nbr is in_nbr with the
 // offsets reversed, since the offsets are symmetric about the centre.
-ffi::Error build_subm(const ConvGeometry& g, const int32_t* indices,
-                      int64_t rows, int32_t* out_nbr, int32_t* in_nbr) {
+ffi::Error build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
+                      const int32_t* indices, int64_t rows, int32_t* out_nbr,
+                      int32_t* in_nbr) {
   const int cols = g.ndim + 1;
   const int64_t K = g.kernel_volume();
-  HashTable table(rows);
-  if (auto err = index_sites(g, indices, rows, &table); err.failure())
-    return err;
-  std::fill(in_nbr, in_nbr + rows * K, -1);
-  std::fill(out_nbr, out_nbr + rows * K, -1);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int32_t* row = indices + r * cols;
-    if (row[0] < 0) continue;
-    int64_t site[kMaxDims];
-    for (int64_t k = 0; k < K; ++k) {
-      if (!output_site(g, row + 1, k, site)) continue;
-      const int32_t j = table.view.find(encode_key(row[0], site, g.out_shape,
-                                                   g.ndim));
-      in_nbr[r * K + k] = j;
-      out_nbr[r * K + (K - 1 - k)] = j;
+  RowTable table(g, indices, rows);
+  if (auto err = index_sites(g, indices, rows, &table); err.failure()) return err;
+  // Per offset: the coordinate shift (o = i - shift) and its key shift,
+  // since keys are linear in the coordinates of a fixed batch item.
+  const std::vector<int64_t> offsets = offset_table(g);
+  std::vector<int64_t> shift(K * g.ndim), key_shift(K, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t place = 1;
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      shift[k * g.ndim + d] = (offsets[k * g.ndim + d] - g.kernel[d] / 2) * g.dilation[d];
+      key_shift[k] += shift[k * g.ndim + d] * place;
+      place *= g.in_shape[d];
     }
   }
+  for_row_tiles(pool, rows, [&](int64_t r) {
+    const int32_t* row = indices + r * cols;
+    int32_t* in_row = in_nbr + r * K;
+    int32_t* out_row = out_nbr + r * K;
+    if (row[0] < 0) {
+      std::fill(in_row, in_row + K, -1);
+      std::fill(out_row, out_row + K, -1);
+      return;
+    }
+    const int64_t key = site_key(g, row);
+    for (int64_t k = 0; k < K; ++k) {
+      bool inside = true;
+      for (int d = 0; d < g.ndim; ++d) {
+        const int64_t o = row[d + 1] - shift[k * g.ndim + d];
+        inside = inside && o >= 0 && o < g.in_shape[d];
+      }
+      const int32_t j = inside ? table.find(key - key_shift[k]) : -1;
+      in_row[k] = j;
+      out_row[K - 1 - k] = j;
+    }
+  });
   return ffi::Error::Success();
 }
 
 // Regular and transposed: output sites are every site some input reaches,
 // numbered in sorted (batch, coords) order. Sites past out_capacity are
 // counted but not stored.
-ffi::Error build_generative(const ConvGeometry& g, const int32_t* indices,
-                            int64_t rows, int32_t* out_indices,
-                            int64_t out_capacity, int32_t* out_nbr,
-                            int32_t* in_nbr, int32_t* needed) {
+ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
+                            const int32_t* indices, int64_t rows,
+                            int32_t* out_indices, int64_t out_capacity,
+                            int32_t* out_nbr, int32_t* in_nbr,
+                            int32_t* needed) {
   const int cols = g.ndim + 1;
   const int64_t K = g.kernel_volume();
   {
-    HashTable inputs(rows);
+    RowTable inputs(g, indices, rows);
     if (auto err = index_sites(g, indices, rows, &inputs); err.failure())
       return err;
   }
-  std::vector<int64_t> reached(rows * K, kEmptyKey);
-  std::vector<int64_t> unique_keys;
-  {
-    // Distinct output sites are bounded by the reached pairs and the grid.
-    int64_t grid = g.batch_size;
-    for (int d = 0; d < g.ndim && grid < rows * K; ++d) grid *= g.out_shape[d];
-    HashTable seen(std::min(rows * K, grid));
-    for (int64_t r = 0; r < rows; ++r) {
-      const int32_t* row = indices + r * cols;
-      if (row[0] < 0) continue;
-      int64_t site[kMaxDims];
-      for (int64_t k = 0; k < K; ++k) {
-        if (!output_site(g, row + 1, k, site)) continue;
-        const int64_t key = encode_key(row[0], site, g.out_shape, g.ndim);
-        reached[r * K + k] = key;
-        bool inserted;
-        seen.view.insert(key, 0, &inserted);
-        if (inserted) unique_keys.push_back(key);
+  const std::vector<int64_t> offsets = offset_table(g);
+  // Calls fn(row, k, key) for every output site reached.
+  auto for_reached = [&](int64_t r, auto fn) {
+    const int32_t* row = indices + r * cols;
+    if (row[0] < 0) return;
+    int64_t site[kMaxDims];
+    for (int64_t k = 0; k < K; ++k) {
+      if (output_site(g, row + 1, offsets.data() + k * g.ndim, site)) {
+        fn(k, encode_key(row[0], site, g.out_shape, g.ndim));
       }
     }
+  };
+
+  // Distinct output sites, inserted concurrently; a table that gets over a
+  // quarter full is rebuilt four times larger (the key set is the same for
+  // any interleaving, and ranks come from sorting it).
+  int64_t expected = std::max<int64_t>(2 * rows, 1);
+  std::vector<Slot> slots;
+  HashTableView seen;
+  while (true) {
+    slots.assign(hash_table_size(expected), Slot{kEmptyKey, -1, 0});
+    seen = {slots.data(), static_cast<int64_t>(slots.size())};
+    std::atomic<int64_t> count{0};
+    std::atomic<bool> full{false};
+    for_row_tiles(pool, rows, [&](int64_t r) {
+      for_reached(r, [&](int64_t, int64_t key) {
+        if (full.load(std::memory_order_relaxed)) return;
+        const int result = seen.insert_key_concurrent(key);
+        if (result < 0 || (result > 0 && count.fetch_add(1, std::memory_order_relaxed) + 1 > seen.size / 4)) {
+          full.store(true, std::memory_order_relaxed);
+        }
+      });
+    });
+    if (!full.load()) break;
+    expected *= 4;
+  }
+  std::vector<int64_t> unique_keys;
+  for (const Slot& slot : slots) {
+    if (slot.key != kEmptyKey) unique_keys.push_back(slot.key);
   }
   std::sort(unique_keys.begin(), unique_keys.end());
   const int64_t count = static_cast<int64_t>(unique_keys.size());
@@ -151,25 +236,30 @@ ffi::Error build_generative(const ConvGeometry& g, const int32_t* indices,
   *needed = static_cast<int32_t>(count);
 
   const int64_t stored = std::min(count, out_capacity);
-  HashTable rank(stored);
+  for (int64_t o = 0; o < count; ++o) {
+    seen.slots[seen.find_slot(unique_keys[o])].value =
+        o < stored ? static_cast<int32_t>(o) : -1;
+  }
   for (int64_t o = 0; o < stored; ++o) {
-    bool inserted;
-    rank.view.insert(unique_keys[o], static_cast<int32_t>(o), &inserted);
     decode_key(unique_keys[o], g.out_shape, g.ndim, out_indices + o * cols);
   }
   std::fill(out_indices + stored * cols, out_indices + out_capacity * cols, -1);
   std::fill(out_nbr, out_nbr + out_capacity * K, -1);
-  for (int64_t i = 0; i < rows * K; ++i) {
-    const int32_t o = reached[i] == kEmptyKey ? -1 : rank.view.find(reached[i]);
-    in_nbr[i] = o;
-    if (o >= 0) out_nbr[o * K + i % K] = static_cast<int32_t>(i / K);
-  }
+  std::fill(in_nbr, in_nbr + rows * K, -1);
+  // Each (row, k) and each (output, k) is written by exactly one task.
+  for_row_tiles(pool, rows, [&](int64_t r) {
+    for_reached(r, [&](int64_t k, int64_t key) {
+      const int32_t o = seen.find(key);
+      in_nbr[r * K + k] = o;
+      if (o >= 0) out_nbr[o * K + k] = static_cast<int32_t>(r);
+    });
+  });
   return ffi::Error::Success();
 }
 
-ffi::Error BuildRulebookImpl(S32 indices, S32Result out_indices,
-                             S32Result out_nbr, S32Result in_nbr,
-                             S32Result needed, int64_t mode,
+ffi::Error BuildRulebookImpl(ffi::ThreadPool pool, S32 indices,
+                             S32Result out_indices, S32Result out_nbr,
+                             S32Result in_nbr, S32Result needed, int64_t mode,
                              int64_t batch_size,
                              ffi::Span<const int64_t> in_shape,
                              ffi::Span<const int64_t> out_shape,
@@ -212,10 +302,10 @@ ffi::Error BuildRulebookImpl(S32 indices, S32Result out_indices,
     int64_t active = 0;
     for (int64_t r = 0; r < rows; ++r) active += indices.typed_data()[r * cols] >= 0;
     needed->typed_data()[0] = static_cast<int32_t>(active);
-    return build_subm(g, indices.typed_data(), rows, out_nbr->typed_data(),
-                      in_nbr->typed_data());
+    return build_subm(pool, g, indices.typed_data(), rows,
+                      out_nbr->typed_data(), in_nbr->typed_data());
   }
-  return build_generative(g, indices.typed_data(), rows,
+  return build_generative(pool, g, indices.typed_data(), rows,
                           out_indices->typed_data(), out_capacity,
                           out_nbr->typed_data(), in_nbr->typed_data(),
                           needed->typed_data());
@@ -225,6 +315,7 @@ ffi::Error BuildRulebookImpl(S32 indices, S32Result out_indices,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebook, BuildRulebookImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<S32>()     // indices [rows, ndim + 1]
                                   .Ret<S32>()     // out_indices
                                   .Ret<S32>()     // out_nbr [out_capacity, K]

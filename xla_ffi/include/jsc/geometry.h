@@ -38,15 +38,14 @@ JSC_HOST_DEVICE void unravel_offset(const ConvGeometry& g, int64_t k,
   }
 }
 
-// The output coordinates that input coordinates `in` (ndim values, no batch) reach through kernel
-// offset `k`, or false if there is none (off the grid, or between strides).
-//   subm:       out = in - (k - kernel // 2) * dilation
-//   regular:    out * stride = in + padding - k * dilation
-//   transposed: out = in * stride - padding + k * dilation
+// The output coordinates that input coordinates `in` (ndim values, no batch)
+// reach through the kernel offset `offset` (ndim values, see unravel_offset),
+// or false if there are none (off the grid, or between strides).
+//   subm:       out = in - (offset - kernel // 2) * dilation
+//   regular:    out * stride = in + padding - offset * dilation
+//   transposed: out = in * stride - padding + offset * dilation
 JSC_HOST_DEVICE bool output_site(const ConvGeometry& g, const int32_t* in,
-                                 int64_t k, int64_t* out) {
-  int64_t offset[kMaxDims];
-  unravel_offset(g, k, offset);
+                                 const int64_t* offset, int64_t* out) {
   for (int d = 0; d < g.ndim; ++d) {
     int64_t o;
     if (g.mode == ConvMode::kSubm) {
