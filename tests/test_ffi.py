@@ -116,3 +116,76 @@ def test_degenerate_tensors(mode, backend, rows):
                                               out_capacity=None if mode == "subm" else 40,
                                               backend=backend).features.sum())(x.features)
     assert grad.shape == x.features.shape
+
+
+FEATURE_KERNELS = ["gather_matmul", "gather_matmul_grad", "gather_sum", "gather_max", "gather_max_grad"]
+
+
+def _feature_args(name, rng, n, m, k, cin, cout, dtype, nbr):
+    x = jnp.asarray(rng.normal(size=(n, cin)), dtype)
+    if name == "gather_matmul":
+        return x, jnp.asarray(rng.normal(size=(k, cin, cout)), dtype), nbr
+    if name == "gather_matmul_grad":
+        return x, jnp.asarray(rng.normal(size=(m, cout)), dtype), nbr
+    if name == "gather_max_grad":  # g [n, C] of pool outputs, argk, in_nbr [m, K] into them
+        return x, jnp.asarray(rng.integers(-1, k, size=(n, cin)), jnp.int32), nbr
+    return x, nbr
+
+
+@pytest.mark.parametrize("name", FEATURE_KERNELS)
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 9), m=st.integers(0, 9), k=st.integers(1, 4), cin=st.integers(1, 40),
+       cout=st.integers(1, 40), low=st.integers(-4, -1), high_extra=st.integers(0, 3),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]), seed=st.integers(0, 2**31))
+def test_feature_handlers_on_hostile_neighbour_maps(name, n, m, k, cin, cout, low, high_extra, dtype, seed):
+    """Entries outside [-1, N) give an error naming the map; valid maps give the XLA backend's result."""
+    rng = np.random.default_rng(seed)
+    nbr = jnp.asarray(rng.integers(low, n + high_extra, size=(m, k)), jnp.int32)
+    args = _feature_args(name, rng, n, m, k, cin, cout, dtype, nbr)
+    bad = bool(((np.asarray(nbr) < -1) | (np.asarray(nbr) >= n)).any())
+    if bad:
+        with pytest.raises(Exception, match="nbr entry"):
+            jax.block_until_ready(getattr(ffi, name)(*args))
+        return
+    native, reference = getattr(ffi, name)(*args), getattr(xla, name)(*args)
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    for a, b in zip(jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(reference)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol * cin)
+
+
+_THREADS_SCRIPT = """
+import sys, numpy as np, jax, jax.numpy as jnp
+import jax_sparseconv as jsc
+from jax_sparseconv import testing as T
+rng = np.random.default_rng(int(sys.argv[2]))
+x = T.random_tensor(rng, 2, (24, 24, 24), 32, density=0.2)
+w_sub = jnp.asarray(rng.normal(size=(3, 3, 3, 32, 32)), jnp.float32)
+w_down = jnp.asarray(rng.normal(size=(3, 3, 3, 32, 16)), jnp.float32)
+def loss(f, w_sub, w_down):
+    t = jsc.sparse_conv(x.replace_feature(f), w_sub, subm=True, backend="ffi")
+    t = jsc.sparse_conv(t, w_down, strides=2, padding=1, indice_key="d", out_capacity=8000, backend="ffi")
+    t = jsc.sparse_max_pool(t, 2, backend="ffi")
+    return jnp.sum(t.features ** 2), t
+(value, t), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x.features, w_sub, w_down)
+np.savez(sys.argv[1], value=value, out=t.features, indices=t.indices, *grads)
+"""
+
+
+def test_results_do_not_depend_on_thread_count(tmp_path):
+    """One CPU or all of them: bitwise the same outputs and gradients (XLA sizes its pool by affinity)."""
+    import shutil
+    import subprocess
+    import sys
+    if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
+        pytest.skip("needs two CPUs and taskset to compare thread counts")
+    script = tmp_path / "run.py"
+    script.write_text(_THREADS_SCRIPT)
+    seed = str(np.random.SeedSequence().entropy % 2**31)
+    results = []
+    for name, prefix in (("one", ["taskset", "-c", str(min(os.sched_getaffinity(0)))]), ("all", [])):
+        out = tmp_path / f"{name}.npz"
+        subprocess.run(prefix + [sys.executable, str(script), str(out), seed], check=True)
+        results.append(np.load(out))
+    for key in results[0].files:
+        np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=f"{key} (seed {seed})")
