@@ -204,21 +204,14 @@ ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   if (auto err = check_neighbours(nbr.typed_data(), rows * K, n, "nbr");
       err.failure())
     return err;
-  ffi::Error status = ffi::Error::Success();
-  const bool known = dispatch_float(x.element_type(), [&](auto tag) {
+  return dispatch_float(x.element_type(), out->element_type(), "gather_matmul", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    if (out->element_type() != FfiType<Acc>::value) {
-      status = invalid("gather_matmul: out must have the accumulation dtype");
-      return;
-    }
     gather_matmul(pool, reinterpret_cast<const T*>(x.untyped_data()), cin,
                   reinterpret_cast<const T*>(w.untyped_data()), K, cout,
                   nbr.typed_data(), rows,
                   reinterpret_cast<Acc*>(out->untyped_data()));
   });
-  if (!known) return invalid("gather_matmul: unsupported dtype");
-  return status;
 }
 
 ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
@@ -239,21 +232,14 @@ ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   if (auto err = check_neighbours(nbr.typed_data(), rows * K, n, "nbr");
       err.failure())
     return err;
-  ffi::Error status = ffi::Error::Success();
-  const bool known = dispatch_float(x.element_type(), [&](auto tag) {
+  return dispatch_float(x.element_type(), dw->element_type(), "gather_matmul_grad", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    if (dw->element_type() != FfiType<Acc>::value) {
-      status = invalid("gather_matmul_grad: dw must have the accumulation dtype");
-      return;
-    }
     gather_matmul_grad(pool, reinterpret_cast<const T*>(x.untyped_data()), cin,
                        reinterpret_cast<const T*>(g.untyped_data()), cout,
                        nbr.typed_data(), rows, K,
                        reinterpret_cast<Acc*>(dw->untyped_data()));
   });
-  if (!known) return invalid("gather_matmul_grad: unsupported dtype");
-  return status;
 }
 
 }  // namespace

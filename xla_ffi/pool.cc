@@ -38,14 +38,6 @@ ffi::Error check_pool_args(const ffi::AnyBuffer& table,
                           table.dimensions()[0], "nbr");
 }
 
-ffi::Error check_out(const ffi::AnyBuffer& out, int64_t rows, int64_t cols,
-                     ffi::DataType type, const char* what) {
-  if (auto err = check_matrix(out, what, rows, cols); err.failure()) return err;
-  if (out.element_type() != type) {
-    return invalid(std::string(what) + " has the wrong dtype");
-  }
-  return ffi::Error::Success();
-}
 
 ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                          ffi::Buffer<ffi::S32> nbr,
@@ -55,13 +47,11 @@ ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     return err;
   const int64_t C = x.dimensions()[1], rows = nbr.dimensions()[0],
                 K = nbr.dimensions()[1];
+  if (auto err = check_matrix(*out, "out", rows, C); err.failure()) return err;
   const int32_t* nb = nbr.typed_data();
-  ffi::Error status = ffi::Error::Success();
-  const bool known = dispatch_float(x.element_type(), [&](auto tag) {
+  return dispatch_float(x.element_type(), out->element_type(), "gather_sum", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    status = check_out(*out, rows, C, FfiType<Acc>::value, "gather_sum out");
-    if (status.failure()) return;
     const T* xs = reinterpret_cast<const T*>(x.untyped_data());
     Acc* o = reinterpret_cast<Acc*>(out->untyped_data());
     for_rows(pool, rows, [&](int64_t r) {
@@ -75,8 +65,6 @@ ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
       }
     });
   });
-  if (!known) return invalid("gather_sum: unsupported dtype");
-  return status;
 }
 
 ffi::Error GatherMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
@@ -89,14 +77,12 @@ ffi::Error GatherMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   const int64_t C = x.dimensions()[1], rows = nbr.dimensions()[0],
                 K = nbr.dimensions()[1];
   if (auto err = check_matrix(*argk, "argk", rows, C); err.failure()) return err;
+  if (auto err = check_matrix(*out, "out", rows, C); err.failure()) return err;
   const int32_t* nb = nbr.typed_data();
   int32_t* ak = argk->typed_data();
-  ffi::Error status = ffi::Error::Success();
-  const bool known = dispatch_float(x.element_type(), [&](auto tag) {
+  return dispatch_float(x.element_type(), out->element_type(), "gather_max", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    status = check_out(*out, rows, C, FfiType<Acc>::value, "gather_max out");
-    if (status.failure()) return;
     const T* xs = reinterpret_cast<const T*>(x.untyped_data());
     Acc* o = reinterpret_cast<Acc*>(out->untyped_data());
     for_rows(pool, rows, [&](int64_t r) {
@@ -118,8 +104,6 @@ ffi::Error GatherMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
       }
     });
   });
-  if (!known) return invalid("gather_max: unsupported dtype");
-  return status;
 }
 
 ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
@@ -134,14 +118,12 @@ ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
                 K = in_nbr.dimensions()[1];
   if (auto err = check_matrix(argk, "argk", g.dimensions()[0], C); err.failure())
     return err;
+  if (auto err = check_matrix(*dx, "dx", rows, C); err.failure()) return err;
   const int32_t* nb = in_nbr.typed_data();
   const int32_t* ak = argk.typed_data();
-  ffi::Error status = ffi::Error::Success();
-  const bool known = dispatch_float(g.element_type(), [&](auto tag) {
+  return dispatch_float(g.element_type(), dx->element_type(), "gather_max_grad", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    status = check_out(*dx, rows, C, FfiType<Acc>::value, "gather_max_grad dx");
-    if (status.failure()) return;
     const T* gs = reinterpret_cast<const T*>(g.untyped_data());
     Acc* d = reinterpret_cast<Acc*>(dx->untyped_data());
     for_rows(pool, rows, [&](int64_t i) {
@@ -158,8 +140,6 @@ ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
       }
     });
   });
-  if (!known) return invalid("gather_max_grad: unsupported dtype");
-  return status;
 }
 
 }  // namespace

@@ -5,6 +5,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include <string>
+
+#include "jsc/ffi_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jsc {
@@ -50,15 +53,24 @@ template <> struct FfiType<double> { static constexpr auto value = xla::ffi::F64
 template <> struct FfiType<bf16> { static constexpr auto value = xla::ffi::BF16; };
 template <> struct FfiType<f16> { static constexpr auto value = xla::ffi::F16; };
 
-// Calls fn(T{}) with the storage type of `type`; false for other types.
+// Calls fn(T{}) with the storage type T of the input dtype, after checking
+// that the output dtype is T's accumulation type. Other dtypes are an error.
 template <typename Fn>
-bool dispatch_float(xla::ffi::DataType type, Fn&& fn) {
-  switch (type) {
-    case xla::ffi::F32: fn(float{}); return true;
-    case xla::ffi::F64: fn(double{}); return true;
-    case xla::ffi::BF16: fn(bf16{}); return true;
-    case xla::ffi::F16: fn(f16{}); return true;
-    default: return false;
+xla::ffi::Error dispatch_float(xla::ffi::DataType input, xla::ffi::DataType output,
+                               const char* what, Fn&& fn) {
+  auto run = [&](auto tag) {
+    if (output != FfiType<typename Accum<decltype(tag)>::type>::value) {
+      return invalid(std::string(what) + ": the output must have the accumulation dtype");
+    }
+    fn(tag);
+    return xla::ffi::Error::Success();
+  };
+  switch (input) {
+    case xla::ffi::F32: return run(float{});
+    case xla::ffi::F64: return run(double{});
+    case xla::ffi::BF16: return run(bf16{});
+    case xla::ffi::F16: return run(f16{});
+    default: return invalid(std::string(what) + ": unsupported dtype");
   }
 }
 
