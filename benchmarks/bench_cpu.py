@@ -188,11 +188,27 @@ def print_table(rows: list[dict]) -> None:
                          "" if r["dense_gflops"] is None else f"{r['dense_gflops']:.1f}"))
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One line per case and batch: the three implementations side by side."""
+    by_impl = {(r["case"], r["batch"], r["impl"]): r for r in rows}
+    cases = list(dict.fromkeys((r["case"], r["batch"]) for r in rows))
+    num = lambda v, digits=1: "" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    lines = ["| case | B | ffi ms | xla ms | spconv ms | ffi / spconv | xla / ffi | ffi GFLOP/s | XLA dense matmul GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for case, batch in cases:
+        ffi, xla, ref = (by_impl.get((case, batch, impl)) for impl in ("ffi", "xla", "spconv"))
+        lines.append(f"| {case} | {batch} | {num(ffi['ms'])} | {num(xla['ms'])} | {num(ref and ref['ms'])} | "
+                     f"{num(ffi['vs_spconv'], 2)} | {num(xla['xla_over_ffi'])} | {num(ffi['gflops'])} | "
+                     f"{num(ffi['dense_gflops'])} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args()
 
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
@@ -206,6 +222,8 @@ def main():
         rows += run_cases(x, args.repeats)
     add_ratios(rows)
     print_table(rows)
+    if args.markdown:
+        print(markdown_table(rows))
     if args.out:
         args.out.write_text(json.dumps(dict(machine=machine, results=rows), indent=1))
 
