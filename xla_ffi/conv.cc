@@ -117,44 +117,50 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
   });
 }
 
+constexpr int kOuterRows = 8;  // register block of the kernel gradient: input channels
+
+// dw[ci, c0 : c0 + NV * lanes] += sum_j a[j, ci] * g[j, c0 : ...] for the
+// kOuterRows input channels from ci0 and j < m; a [m, cin], g [m, cout] packed.
+template <typename Acc, int NV>
+void outer_block(const Acc* a, const Acc* g, int64_t m, int64_t cin,
+                 int64_t cout, int64_t ci0, int64_t c0, Acc* dw) {
+  using V = Vec<Acc>;
+  constexpr int L = kLanes<Acc>;
+  constexpr int Q = kOuterRows;
+  V acc[Q][NV] = {};
+  for (int64_t j = 0; j < m; ++j) {
+    V gv[NV];
+    for (int v = 0; v < NV; ++v) gv[v] = *reinterpret_cast<const V*>(g + j * cout + c0 + v * L);
+    for (int q = 0; q < Q; ++q) {
+      const Acc av = a[j * cin + ci0 + q];
+      for (int v = 0; v < NV; ++v) acc[q][v] += av * gv[v];
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(dw + (ci0 + q) * cout + c0 + v * L) += acc[q][v];
+  }
+}
+
 // dw[ci, :] += sum_j a[j, ci] * g[j, :] for j < m; a [m, cin], g [m, cout]
-// packed. Blocks of 4 input channels x 2 vectors of outputs in registers.
+// packed. Blocks of kOuterRows input channels x 1 or 2 vectors of outputs
+// stay in registers.
 template <typename Acc>
 void accumulate_outer(const Acc* a, const Acc* g, int64_t m, int64_t cin,
                       int64_t cout, Acc* dw) {
-  using V = Vec<Acc>;
-  constexpr int L = kLanes<Acc>;
-  constexpr int Q = 4;
-  int64_t c0 = 0;
-  for (; c0 + 2 * L <= cout; c0 += 2 * L) {
-    int64_t ci = 0;
-    for (; ci + Q <= cin; ci += Q) {
-      V acc[Q][2] = {};
-      for (int64_t j = 0; j < m; ++j) {
-        const V g0 = *reinterpret_cast<const V*>(g + j * cout + c0);
-        const V g1 = *reinterpret_cast<const V*>(g + j * cout + c0 + L);
-        for (int q = 0; q < Q; ++q) {
-          const Acc av = a[j * cin + ci + q];
-          acc[q][0] += av * g0;
-          acc[q][1] += av * g1;
-        }
-      }
-      for (int q = 0; q < Q; ++q) {
-        *reinterpret_cast<V*>(dw + (ci + q) * cout + c0) += acc[q][0];
-        *reinterpret_cast<V*>(dw + (ci + q) * cout + c0 + L) += acc[q][1];
-      }
-    }
-    for (; ci < cin; ++ci) {  // remaining input channels
-      for (int64_t j = 0; j < m; ++j) {
-        const Acc av = a[j * cin + ci];
-        for (int64_t c = c0; c < c0 + 2 * L; ++c) dw[ci * cout + c] += av * g[j * cout + c];
-      }
-    }
+  constexpr int64_t L = kLanes<Acc>;
+  const int64_t vector_cols = cout / L * L;
+  const int64_t blocked_cin = cin / kOuterRows * kOuterRows;
+  for (int64_t ci = 0; ci < blocked_cin; ci += kOuterRows) {
+    int64_t c0 = 0;
+    for (; c0 + 2 * L <= vector_cols; c0 += 2 * L) outer_block<Acc, 2>(a, g, m, cin, cout, ci, c0, dw);
+    if (c0 < vector_cols) outer_block<Acc, 1>(a, g, m, cin, cout, ci, c0, dw);
   }
-  for (int64_t ci = 0; ci < cin; ++ci) {  // remaining output channels
+  // The rest: input channels past the blocks, output channels past the vectors.
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    const int64_t c_begin = ci < blocked_cin ? vector_cols : 0;
     for (int64_t j = 0; j < m; ++j) {
       const Acc av = a[j * cin + ci];
-      for (int64_t c = c0; c < cout; ++c) dw[ci * cout + c] += av * g[j * cout + c];
+      for (int64_t c = c_begin; c < cout; ++c) dw[ci * cout + c] += av * g[j * cout + c];
     }
   }
 }
