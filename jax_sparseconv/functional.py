@@ -28,7 +28,7 @@ IntOrSeq = int | Sequence[int]
 def _get_rulebook(x: SparseConvTensor, geometry, indice_key, out_capacity, backend) -> Rulebook:
     """The cached rulebook for ``indice_key`` if it fits ``geometry``, else a new one."""
     cached = x.indice_dict.get(indice_key) if indice_key is not None else None
-    if cached is not None and not cached.inverted:
+    if cached is not None:
         if cached.geometry != geometry or cached.in_indices.shape != x.indices.shape:
             raise ValueError(
                 f"indice_key {indice_key!r} holds a rulebook for {cached.geometry} on capacity "

@@ -18,15 +18,6 @@ namespace {
 
 constexpr int64_t kTileRows = 256;
 
-// Calls body(row) for every row, in parallel tiles.
-template <typename Body>
-void for_rows(ffi::ThreadPool& pool, int64_t rows, Body body) {
-  parallel_for(pool, (rows + kTileRows - 1) / kTileRows, [&](int64_t tile) {
-    const int64_t end = std::min(rows, (tile + 1) * kTileRows);
-    for (int64_t r = tile * kTileRows; r < end; ++r) body(r);
-  });
-}
-
 // Shapes shared by the three handlers: table [N, C] and a neighbour map
 // [M, K] whose entries are rows of the table.
 ffi::Error check_pool_args(const ffi::AnyBuffer& table,
@@ -54,7 +45,7 @@ ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     using Acc = typename Accum<T>::type;
     const T* xs = reinterpret_cast<const T*>(x.untyped_data());
     Acc* o = reinterpret_cast<Acc*>(out->untyped_data());
-    for_rows(pool, rows, [&](int64_t r) {
+    parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
       Acc* orow = o + r * C;
       std::fill(orow, orow + C, Acc(0));
       for (int64_t k = 0; k < K; ++k) {
@@ -85,7 +76,7 @@ ffi::Error GatherMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     using Acc = typename Accum<T>::type;
     const T* xs = reinterpret_cast<const T*>(x.untyped_data());
     Acc* o = reinterpret_cast<Acc*>(out->untyped_data());
-    for_rows(pool, rows, [&](int64_t r) {
+    parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
       Acc* orow = o + r * C;
       int32_t* arow = ak + r * C;
       std::fill(orow, orow + C, Acc(0));
@@ -126,7 +117,7 @@ ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
     using Acc = typename Accum<T>::type;
     const T* gs = reinterpret_cast<const T*>(g.untyped_data());
     Acc* d = reinterpret_cast<Acc*>(dx->untyped_data());
-    for_rows(pool, rows, [&](int64_t i) {
+    parallel_for_rows(pool, rows, kTileRows, [&](int64_t i) {
       Acc* drow = d + i * C;
       std::fill(drow, drow + C, Acc(0));
       for (int64_t k = 0; k < K; ++k) {

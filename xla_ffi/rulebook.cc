@@ -76,14 +76,6 @@ std::vector<int64_t> offset_table(const ConvGeometry& g) {
   return offsets;
 }
 
-template <typename Body>
-void for_row_tiles(ffi::ThreadPool& pool, int64_t rows, Body body) {
-  parallel_for(pool, (rows + kTileRows - 1) / kTileRows, [&](int64_t tile) {
-    const int64_t end = std::min(rows, (tile + 1) * kTileRows);
-    for (int64_t r = tile * kTileRows; r < end; ++r) body(r);
-  });
-}
-
 std::string describe_row(const int32_t* row, int ndim) {
   std::string s = "(";
   for (int d = 0; d <= ndim; ++d) {
@@ -151,7 +143,7 @@ ffi::Error build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
       place *= g.in_shape[d];
     }
   }
-  for_row_tiles(pool, rows, [&](int64_t r) {
+  parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
     const int32_t* row = indices + r * cols;
     int32_t* in_row = in_nbr + r * K;
     int32_t* out_row = out_nbr + r * K;
@@ -214,7 +206,7 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
     seen = {slots.data(), static_cast<int64_t>(slots.size())};
     std::atomic<int64_t> count{0};
     std::atomic<bool> full{false};
-    for_row_tiles(pool, rows, [&](int64_t r) {
+    parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
       for_reached(r, [&](int64_t, int64_t key) {
         if (full.load(std::memory_order_relaxed)) return;
         const int result = seen.insert_key_concurrent(key);
@@ -247,7 +239,7 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
   std::fill(out_nbr, out_nbr + out_capacity * K, -1);
   std::fill(in_nbr, in_nbr + rows * K, -1);
   // Each (row, k) and each (output, k) is written by exactly one task.
-  for_row_tiles(pool, rows, [&](int64_t r) {
+  parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
     for_reached(r, [&](int64_t k, int64_t key) {
       const int32_t o = seen.find(key);
       in_nbr[r * K + k] = o;

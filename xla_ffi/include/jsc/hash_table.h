@@ -43,26 +43,6 @@ struct HashTableView {
   Slot* slots;
   int64_t size;  // a power of two
 
-  // Inserts key -> value unless the key is present; returns the slot.
-  // `inserted` tells which happened. The table must never be full.
-  JSC_HOST_DEVICE int64_t insert(int64_t key, int32_t value, bool* inserted) {
-    const uint64_t mask = static_cast<uint64_t>(size - 1);
-    uint64_t slot = home_slot(static_cast<uint64_t>(key)) & mask;
-    while (true) {
-      if (slots[slot].key == key) {
-        *inserted = false;
-        return static_cast<int64_t>(slot);
-      }
-      if (slots[slot].key == kEmptyKey) {
-        slots[slot].key = key;
-        slots[slot].value = value;
-        *inserted = true;
-        return static_cast<int64_t>(slot);
-      }
-      slot = (slot + 1) & mask;
-    }
-  }
-
 #if !defined(__CUDACC__)
   // Thread-safe insertion of a key alone (values are set later): 1 if it
   // was inserted, 0 if it was present, -1 if the table is full. The final set

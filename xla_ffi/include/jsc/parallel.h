@@ -52,4 +52,15 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t num_tasks, Fn fn) {
   state->done.wait(lock, [&] { return state->finished == num_tasks; });
 }
 
+// Calls body(row) for every row in [0, rows), in parallel tiles of
+// `tile_rows` rows; each row is handled by exactly one task.
+template <typename Body>
+void parallel_for_rows(xla::ffi::ThreadPool& pool, int64_t rows,
+                       int64_t tile_rows, Body body) {
+  parallel_for(pool, (rows + tile_rows - 1) / tile_rows, [&](int64_t tile) {
+    const int64_t end = std::min(rows, (tile + 1) * tile_rows);
+    for (int64_t r = tile * tile_rows; r < end; ++r) body(r);
+  });
+}
+
 }  // namespace jsc
