@@ -30,6 +30,25 @@ ffi::Error check_pool_args(const ffi::AnyBuffer& table,
 }
 
 
+// out[r] = sum_k x[nbr[r, k]], counting only the channels c of the entries
+// where keep(k, nbr[r, k], c).
+template <typename T, typename Acc, typename Keep>
+void gather_sum_rows(ffi::ThreadPool& pool, const T* x, const int32_t* nbr,
+                     int64_t rows, int64_t K, int64_t C, Acc* out, Keep keep) {
+  parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
+    Acc* orow = out + r * C;
+    std::fill(orow, orow + C, Acc(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t s = nbr[r * K + k];
+      if (s < 0) continue;
+      const T* xrow = x + static_cast<int64_t>(s) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        if (keep(k, s, c)) orow[c] += static_cast<Acc>(to_float(xrow[c]));
+      }
+    }
+  });
+}
+
 ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                          ffi::Buffer<ffi::S32> nbr,
                          ffi::Result<ffi::AnyBuffer> out) {
@@ -43,18 +62,9 @@ ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   return dispatch_float(x.element_type(), out->element_type(), "gather_sum", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    const T* xs = reinterpret_cast<const T*>(x.untyped_data());
-    Acc* o = reinterpret_cast<Acc*>(out->untyped_data());
-    parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
-      Acc* orow = o + r * C;
-      std::fill(orow, orow + C, Acc(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t s = nb[r * K + k];
-        if (s < 0) continue;
-        const T* xrow = xs + static_cast<int64_t>(s) * C;
-        for (int64_t c = 0; c < C; ++c) orow[c] += static_cast<Acc>(to_float(xrow[c]));
-      }
-    });
+    gather_sum_rows(pool, reinterpret_cast<const T*>(x.untyped_data()), nb, rows, K, C,
+                    reinterpret_cast<Acc*>(out->untyped_data()),
+                    [](int64_t, int32_t, int64_t) { return true; });
   });
 }
 
@@ -115,21 +125,10 @@ ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
   return dispatch_float(g.element_type(), dx->element_type(), "gather_max_grad", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    const T* gs = reinterpret_cast<const T*>(g.untyped_data());
-    Acc* d = reinterpret_cast<Acc*>(dx->untyped_data());
-    parallel_for_rows(pool, rows, kTileRows, [&](int64_t i) {
-      Acc* drow = d + i * C;
-      std::fill(drow, drow + C, Acc(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t o = nb[i * K + k];
-        if (o < 0) continue;
-        const T* grow = gs + static_cast<int64_t>(o) * C;
-        const int32_t* arow = ak + static_cast<int64_t>(o) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          if (arow[c] == k) drow[c] += static_cast<Acc>(to_float(grow[c]));
-        }
-      }
-    });
+    // Only the offset that won the max in the forward pass gets the gradient.
+    gather_sum_rows(pool, reinterpret_cast<const T*>(g.untyped_data()), nb, rows, K, C,
+                    reinterpret_cast<Acc*>(dx->untyped_data()),
+                    [&](int64_t k, int32_t o, int64_t c) { return ak[o * C + c] == k; });
   });
 }
 
