@@ -52,7 +52,7 @@ def _inverse_rulebook(x: SparseConvTensor, indice_key, kernel_size) -> Rulebook:
         raise ValueError(f"indice_key {indice_key!r} is not in the tensor's indice_dict "
                          f"(keys: {sorted(x.indice_dict)}); run the matching strided conv first")
     forward = x.indice_dict[indice_key]
-    if forward.geometry.mode != REGULAR or forward.inverted:
+    if forward.geometry.mode != REGULAR:
         raise ValueError(f"indice_key {indice_key!r} holds a {forward.geometry.mode} rulebook; an "
                          "inverse convolution inverts a regular (strided) convolution or pooling")
     if forward.geometry.kernel_size != tuple(kernel_size):
