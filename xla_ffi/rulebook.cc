@@ -131,35 +131,17 @@ ffi::Error build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
   const int64_t K = g.kernel_volume();
   RowTable table(g, indices, rows);
   if (auto err = index_sites(g, indices, rows, &table); err.failure()) return err;
-  // Per offset: the coordinate shift (o = i - shift) and its key shift,
-  // since keys are linear in the coordinates of a fixed batch item.
   const std::vector<int64_t> offsets = offset_table(g);
-  std::vector<int64_t> shift(K * g.ndim), key_shift(K, 0);
-  for (int64_t k = 0; k < K; ++k) {
-    int64_t place = 1;
-    for (int d = g.ndim - 1; d >= 0; --d) {
-      shift[k * g.ndim + d] = (offsets[k * g.ndim + d] - g.kernel[d] / 2) * g.dilation[d];
-      key_shift[k] += shift[k * g.ndim + d] * place;
-      place *= g.in_shape[d];
-    }
-  }
   parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
     const int32_t* row = indices + r * cols;
     int32_t* in_row = in_nbr + r * K;
     int32_t* out_row = out_nbr + r * K;
-    if (row[0] < 0) {
-      std::fill(in_row, in_row + K, -1);
-      std::fill(out_row, out_row + K, -1);
-      return;
-    }
-    const int64_t key = site_key(g, row);
     for (int64_t k = 0; k < K; ++k) {
-      bool inside = true;
-      for (int d = 0; d < g.ndim; ++d) {
-        const int64_t o = row[d + 1] - shift[k * g.ndim + d];
-        inside = inside && o >= 0 && o < g.in_shape[d];
+      int64_t site[kMaxDims];
+      int32_t j = -1;
+      if (row[0] >= 0 && output_site(g, row + 1, offsets.data() + k * g.ndim, site)) {
+        j = table.find(encode_key(row[0], site, g.out_shape, g.ndim));
       }
-      const int32_t j = inside ? table.find(key - key_shift[k]) : -1;
       in_row[k] = j;
       out_row[K - 1 - k] = j;
     }
