@@ -178,16 +178,6 @@ def add_ratios(rows: list[dict]) -> None:
         r["xla_over_ffi"] = r["ms"] / ffi_ms[(r["case"], r["batch"])] if r["impl"] == "xla" else None
 
 
-def print_table(rows: list[dict]) -> None:
-    fmt = "{:<38} {:>2} {:<7} {:>10} {:>10} {:>8} {:>9}"
-    print(fmt.format("case", "B", "impl", "median ms", "/ spconv", "GFLOP/s", "dense"))
-    for r in rows:
-        print(fmt.format(r["case"], r["batch"], r["impl"], f"{r['ms']:.2f}",
-                         "" if r["vs_spconv"] is None else f"{r['vs_spconv']:.2f}",
-                         "" if r["gflops"] is None else f"{r['gflops']:.1f}",
-                         "" if r["dense_gflops"] is None else f"{r['dense_gflops']:.1f}"))
-
-
 def markdown_table(rows: list[dict]) -> str:
     """One line per case and batch: the three implementations side by side."""
     by_impl = {(r["case"], r["batch"], r["impl"]): r for r in rows}
@@ -208,7 +198,6 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args()
 
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
@@ -221,9 +210,7 @@ def main():
         print(f"batch {batch}: {int(x.num_active)} voxels, capacity {x.capacity}, grid {x.spatial_shape}")
         rows += run_cases(x, args.repeats)
     add_ratios(rows)
-    print_table(rows)
-    if args.markdown:
-        print(markdown_table(rows))
+    print(markdown_table(rows))
     if args.out:
         args.out.write_text(json.dumps(dict(machine=machine, results=rows), indent=1))
 
