@@ -80,23 +80,23 @@ def _check_tensor(x) -> None:
 
 # ---- convolution -----------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _conv(features, kernel, bias, out_nbr, in_nbr, out_active, backend):
-    return _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _conv(features, kernel, bias, out_nbr, in_nbr, out_active, backend, precision):
+    return _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend, precision)[0]
 
 
-def _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend):
-    out = backends.get(backend).gather_matmul(features, kernel, out_nbr) + bias
+def _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend, precision):
+    out = backends.get(backend).gather_matmul(features, kernel, out_nbr, precision) + bias
     out = jnp.where(out_active[:, None], out, 0).astype(features.dtype)
     return out, (features, kernel, out_nbr, in_nbr, out_active)
 
 
-def _conv_bwd(backend, residuals, g):
+def _conv_bwd(backend, precision, residuals, g):
     features, kernel, out_nbr, in_nbr, out_active = residuals
     impl = backends.get(backend)
     g = jnp.where(out_active[:, None], g, 0)
-    d_features = impl.gather_matmul(g, jnp.swapaxes(kernel, 1, 2), in_nbr).astype(features.dtype)
-    d_kernel = impl.gather_matmul_grad(features, g, out_nbr).astype(kernel.dtype)
+    d_features = impl.gather_matmul(g, jnp.swapaxes(kernel, 1, 2), in_nbr, precision).astype(features.dtype)
+    d_kernel = impl.gather_matmul_grad(features, g, out_nbr, precision).astype(kernel.dtype)
     d_bias = jnp.sum(g, axis=0, dtype=jnp.promote_types(g.dtype, jnp.float32)).astype(kernel.dtype)
     return d_features, d_kernel, d_bias, None, None, None
 
@@ -107,7 +107,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1, padding: IntOrSeq = 0,
                 dilation: IntOrSeq = 1, subm: bool = False, transposed: bool = False, inverse: bool = False,
                 indice_key: str | None = None, out_capacity: int | None = None,
-                backend: str | None = None) -> SparseConvTensor:
+                precision: jax.lax.PrecisionLike = None, backend: str | None = None) -> SparseConvTensor:
     """Sparse convolution (spconv's SubMConv, SparseConv, SparseConvTranspose, SparseInverseConv).
 
     Args:
@@ -126,6 +126,8 @@ def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1
         transposed ones (see ``ConvGeometry.default_out_capacity``). More sites raise
         ``CapacityOverflowError`` eagerly, or set the output's ``overflow`` record under
         ``jit`` (see ``jsc.check_overflow``).
+      precision: matmul precision of the ``xla`` backend (as in ``jnp.matmul``; it matters
+        on GPU and TPU). The ``ffi`` CPU kernels always multiply in full float32.
       backend: ``"xla"``, ``"ffi"`` or None (ffi on CPU when compiled, else xla).
 
     Returns:
@@ -153,7 +155,7 @@ def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1
         rulebook = _get_rulebook(x, geometry, indice_key, out_capacity, backend)
     out_active = rulebook.out_indices[:, 0] >= 0
     features = _conv(x.features.astype(dtype), kernel.reshape(-1, x.num_channels, c_out).astype(dtype),
-                     bias, rulebook.out_nbr, rulebook.in_nbr, out_active, backend)
+                     bias, rulebook.out_nbr, rulebook.in_nbr, out_active, backend, precision)
     return _output(x, rulebook, features, indice_key)
 
 
@@ -299,3 +301,95 @@ def global_avg_pool(x: SparseConvTensor) -> jax.Array:
     """``[B, C]`` mean over each batch item's active rows (0 for an item with none)."""
     _check_tensor(x)
     return _global_avg(x.features, _segments(x), x.batch_size)
+
+
+# ---- combining tensors -----------------------------------------------------------------
+
+def _check_compatible(tensors) -> None:
+    if not tensors:
+        raise ValueError("expected at least one SparseConvTensor")
+    for t in tensors:
+        _check_tensor(t)
+    first = tensors[0]
+    for t in tensors[1:]:
+        if (t.spatial_shape, t.batch_size) != (first.spatial_shape, first.batch_size):
+            raise ValueError(f"tensors live on different grids: spatial_shape {first.spatial_shape} "
+                             f"batch_size {first.batch_size} vs {t.spatial_shape} {t.batch_size}")
+
+
+def _union_rows(tensors, out_capacity: int):
+    """Sites of the union of ``tensors``, sorted, and where each tensor holds them.
+
+    Returns ``(out_indices [out_capacity, ndim + 1], rows [T, out_capacity], needed)``:
+    ``rows[t, o]`` is the row of tensor ``t`` at output site ``o``, or -1.
+    """
+    sentinel = jnp.iinfo(jnp.int32).max
+    indices = jnp.concatenate([t.indices for t in tensors])
+    owner = jnp.concatenate([jnp.full((t.capacity,), i, jnp.int32) for i, t in enumerate(tensors)])
+    row = jnp.concatenate([jnp.arange(t.capacity, dtype=jnp.int32) for t in tensors])
+    batch = jnp.where(indices[:, 0] >= 0, indices[:, 0], sentinel)
+    columns = (batch,) + tuple(indices[:, d] for d in range(1, indices.shape[1]))
+    *columns, owner, row = jax.lax.sort(columns + (owner, row), num_keys=len(columns))
+    valid = columns[0] != sentinel
+    differs = jnp.any(jnp.stack([c[1:] != c[:-1] for c in columns]), axis=0)
+    first = valid & jnp.concatenate([jnp.ones((1,), bool), differs])
+    rank = jnp.cumsum(first, dtype=jnp.int32) - 1
+    target = jnp.where(valid & (rank < out_capacity), rank, out_capacity)  # out of range: dropped
+    out_indices = jnp.full((out_capacity, indices.shape[1]), -1, jnp.int32)
+    out_indices = out_indices.at[jnp.where(first, target, out_capacity)].set(
+        jnp.stack(columns, axis=1), mode="drop")
+    rows = jnp.full((len(tensors), out_capacity), -1, jnp.int32).at[owner, target].set(row, mode="drop")
+    return out_indices, rows, jnp.sum(first, dtype=jnp.int32)
+
+
+def _aligned_features(tensors, out_capacity: int | None, what: str):
+    """Features of every tensor on one set of rows, and the tensor those rows belong to.
+
+    Tensors that share their ``indices`` array (a residual branch, the output of an
+    inverse conv and its skip connection) are aligned as they are. Otherwise the rows
+    are the sorted union of the sites, with zeros where a tensor has no site.
+    """
+    _check_compatible(tensors)
+    first = tensors[0]
+    indice_dict = {k: v for t in reversed(tensors) for k, v in t.indice_dict.items()}
+    overflow = functools.reduce(merge_overflow, [t.overflow for t in tensors])
+    if all(t.indices is first.indices for t in tensors) and out_capacity in (None, first.capacity):
+        features, indices = [t.features for t in tensors], first.indices
+    else:
+        out_capacity = sum(t.capacity for t in tensors) if out_capacity is None else int(out_capacity)
+        indices, rows, needed = _union_rows(tensors, out_capacity)
+        union_overflow = overflow_record(needed, out_capacity)
+        if is_concrete(union_overflow):
+            raise_if_overflow(union_overflow, what)
+        overflow = merge_overflow(overflow, union_overflow)
+        features = [jnp.where((r >= 0)[:, None], t.features[jnp.maximum(r, 0)], 0) if t.capacity else
+                    jnp.zeros((out_capacity, t.num_channels), t.features.dtype) for t, r in zip(tensors, rows)]
+    frame = SparseConvTensor(jnp.zeros((indices.shape[0], 0), first.features.dtype), indices,
+                             first.spatial_shape, first.batch_size, indice_dict, overflow, validate=False)
+    return features, frame
+
+
+def sparse_add(*tensors: SparseConvTensor, out_capacity: int | None = None) -> SparseConvTensor:
+    """Sum of tensors with the same channels (spconv's ``Fsp.sparse_add``).
+
+    Tensors sharing one ``indices`` array (the usual residual connection) add row by
+    row and keep those rows. Otherwise the result lives on the union of the sites, in
+    sorted ``(batch, coords)`` order, with capacity ``out_capacity`` (default: the sum of
+    the input capacities, which cannot overflow); a site missing from a tensor counts
+    as zero there. ``indice_dict`` entries of all inputs are kept (the first wins).
+    """
+    features, frame = _aligned_features(tensors, out_capacity, "sparse_add")
+    channels = {f.shape[1] for f in features}
+    if len(channels) > 1:
+        raise ValueError(f"sparse_add needs equal channel counts, got {[f.shape[1] for f in features]}")
+    return frame.replace_feature(functools.reduce(jnp.add, features))
+
+
+def sparse_cat(*tensors: SparseConvTensor, out_capacity: int | None = None) -> SparseConvTensor:
+    """Channel concatenation (``[.., C1 + C2 + ...]``), aligned as in ``sparse_add``.
+
+    The usual use is a U-Net skip connection: ``sparse_cat(inverse_conv_output, skip)``.
+    """
+    features, frame = _aligned_features(tensors, out_capacity, "sparse_cat")
+    dtype = jnp.result_type(*features)
+    return frame.replace_feature(jnp.concatenate([f.astype(dtype) for f in features], axis=1))

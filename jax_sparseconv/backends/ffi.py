@@ -54,14 +54,19 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
                 padding=_i64(geometry.padding), dilation=_i64(geometry.dilation))
 
 
-def gather_matmul(x, w, nbr):
-    """``out[r] = sum_k x[nbr[r, k]] @ w[k]`` in the accumulation dtype (see xla.py)."""
+def gather_matmul(x, w, nbr, precision=None):
+    """``out[r] = sum_k x[nbr[r, k]] @ w[k]`` in the accumulation dtype (see xla.py).
+
+    ``precision`` is accepted for the common interface: products are always full float32.
+    """
+    del precision
     out = jax.ShapeDtypeStruct((nbr.shape[0], w.shape[2]), accumulator(x.dtype))
     return _call("jsc_gather_matmul", out)(x, w.astype(x.dtype), nbr)[0]
 
 
-def gather_matmul_grad(x, g, nbr):
+def gather_matmul_grad(x, g, nbr, precision=None):
     """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py)."""
+    del precision
     out = jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], g.shape[1]), accumulator(x.dtype))
     return _call("jsc_gather_matmul_grad", out)(x, g.astype(x.dtype), nbr)[0]
 

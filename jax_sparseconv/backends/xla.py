@@ -125,27 +125,27 @@ def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.where((rows >= 0)[..., None], x[safe], 0)
 
 
-def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array) -> jax.Array:
+def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
     """``out[r] = sum_k x[nbr[r, k]] @ w[k]``: ``x [N, Cin]``, ``w [K, Cin, Cout]``, ``nbr [M, K]``.
 
     Conv forward (with out_nbr) and its input gradient (with in_nbr and w transposed).
-    Returns ``[M, Cout]`` in the accumulation dtype.
+    Returns ``[M, Cout]`` in the accumulation dtype; ``precision`` as in ``jnp.matmul``.
     """
     acc = accumulator(x.dtype)
 
     def step(k, out):
         rows = lax.dynamic_index_in_dim(nbr, k, axis=1, keepdims=False)
-        return out + jnp.matmul(_gather_rows(x, rows), w[k], preferred_element_type=acc)
+        return out + jnp.matmul(_gather_rows(x, rows), w[k], precision=precision, preferred_element_type=acc)
 
     return lax.fori_loop(0, w.shape[0], step, jnp.zeros((nbr.shape[0], w.shape[2]), acc))
 
 
-def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array) -> jax.Array:
+def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
     """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``: the kernel gradient, ``[K, Cin, Cout]``."""
     acc = accumulator(x.dtype)
 
     def one_offset(rows):
-        return jnp.matmul(_gather_rows(x, rows).T, g, preferred_element_type=acc)
+        return jnp.matmul(_gather_rows(x, rows).T, g, precision=precision, preferred_element_type=acc)
 
     return lax.map(one_offset, nbr.T)
 

@@ -1,0 +1,179 @@
+"""What the Linen and NNX layers share: everything except declaring parameters.
+
+``jax_sparseconv.linen`` and ``jax_sparseconv.nnx`` hold parameters the way their
+framework does and call the functions here, which call the functional core. Keeping
+the math here means both namespaces compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jax_sparseconv import functional, normalization
+from jax_sparseconv.geometry import normalize_tuple
+from jax_sparseconv.tensor import SparseConvTensor
+
+SUBM, REGULAR, TRANSPOSED, INVERSE = "subm", "regular", "transposed", "inverse"
+
+CONV_DOC = """
+    Args (spconv name in brackets):
+      features: output channels [out_channels]; NNX layers take ``in_features`` and
+        ``out_features`` [in_channels, out_channels].
+      kernel_size: int or one per spatial dim [kernel_size].
+      strides: int or one per dim [stride]; ignored by SubMConv, as in spconv.
+      padding: int or one per dim [padding]; ignored by SubMConv.
+      kernel_dilation: int or one per dim [dilation].
+      use_bias: add a learned bias at active output sites [bias].
+      dtype: computation dtype (default: promoted from inputs and params).
+      param_dtype: dtype of ``kernel`` ``(*kernel_size, C_in, C_out)`` and ``bias`` ``(C_out,)``.
+      precision: matmul precision of the ``xla`` backend (see ``functional.sparse_conv``).
+      kernel_init, bias_init: initializers, as in ``flax.linen.Conv``.
+      indice_key: rulebook cache key [indice_key]; an inverse conv needs the key of the
+        strided conv it inverts.
+      out_capacity: static row capacity of the output of a strided or transposed conv.
+      backend: ``"xla"``, ``"ffi"`` or None (automatic).
+"""
+
+
+def takes_sparse_tensor(layer: Any) -> bool:
+    """True for layers that take a whole SparseConvTensor (all layers of this library).
+
+    Set ``takes_sparse_tensor = True`` on your own module or function to receive the
+    tensor in a ``SparseSequential``; other callables receive the active features.
+    """
+    return bool(getattr(layer, "takes_sparse_tensor", False))
+
+
+def check_input(layer_name: str, x: Any, num_spatial_dims: int | None) -> None:
+    if not isinstance(x, SparseConvTensor):
+        raise TypeError(f"{layer_name} expects a SparseConvTensor, got {type(x).__name__}")
+    if num_spatial_dims is not None and x.ndim != num_spatial_dims:
+        raise ValueError(f"{layer_name} expects a tensor with {num_spatial_dims} spatial dims, "
+                         f"got spatial_shape {x.spatial_shape}")
+
+
+def kernel_shape(kernel_size, num_spatial_dims: int, in_features: int, out_features: int) -> tuple[int, ...]:
+    return (*normalize_tuple(kernel_size, num_spatial_dims, "kernel_size"), in_features, out_features)
+
+
+def conv(mode: str, x: SparseConvTensor, kernel, bias, *, strides, padding, kernel_dilation, indice_key,
+         out_capacity, precision, backend, dtype) -> SparseConvTensor:
+    """A conv layer's forward pass: promote dtypes as Flax does, then ``sparse_conv``."""
+    if mode == INVERSE and (strides, padding, kernel_dilation, out_capacity) != (1, 0, 1, None):
+        raise ValueError("SparseInverseConv takes its strides, padding, dilation and capacity from the "
+                         f"conv stored under indice_key {indice_key!r}; do not pass them")
+    if dtype is None:
+        dtype = jnp.result_type(x.features, kernel, *([] if bias is None else [bias]))
+    x = x.replace_feature(x.features.astype(dtype))
+    kernel = jnp.asarray(kernel, dtype)
+    bias = None if bias is None else jnp.asarray(bias, dtype)
+    return functional.sparse_conv(x, kernel, bias, strides=strides, padding=padding, dilation=kernel_dilation,
+                                  subm=mode == SUBM, transposed=mode == TRANSPOSED, inverse=mode == INVERSE,
+                                  indice_key=indice_key, out_capacity=out_capacity, precision=precision,
+                                  backend=backend)
+
+
+POOLS = {"max": functional.sparse_max_pool, "avg": functional.sparse_avg_pool}
+
+
+def pool(kind: str, x: SparseConvTensor, *, kernel_size, strides, padding, kernel_dilation, indice_key,
+         out_capacity, backend) -> SparseConvTensor:
+    kernel_size = normalize_tuple(kernel_size, x.ndim, "kernel_size")
+    return POOLS[kind](x, kernel_size, strides, padding, kernel_dilation, indice_key=indice_key,
+                       out_capacity=out_capacity, backend=backend)
+
+
+GLOBAL_POOLS = {"max": functional.global_max_pool, "avg": functional.global_avg_pool}
+
+
+# ---- normalization -----------------------------------------------------------------------
+
+def batch_norm(x: SparseConvTensor, *, use_running_average: bool, running_mean, running_var, scale, bias,
+               momentum: float, epsilon: float, axis_name, axis_index_groups, dtype):
+    """Returns ``(y, (mean, var))``: the output and the updated running averages.
+
+    Training mode normalizes with the statistics of the active rows (across devices
+    with ``axis_name``) and moves the running averages by ``1 - momentum`` (Flax's
+    convention: spconv's PyTorch momentum 0.01 is Flax momentum 0.99). The running
+    variance is the biased batch variance, as in Flax.
+    """
+    if use_running_average:
+        mean, var = running_mean, running_var
+        updated = (running_mean, running_var)
+    else:
+        mean, var = normalization.masked_moments(x.features, x.active, axis_name, axis_index_groups)
+        updated = tuple((momentum * running + (1 - momentum) * batch).astype(running.dtype)
+                        for running, batch in ((running_mean, mean), (running_var, var)))
+    y = normalization.normalize(x.features, x.active, mean, var, scale, bias, epsilon, dtype)
+    return x.replace_feature(y), updated
+
+
+def layer_norm(x: SparseConvTensor, *, scale, bias, epsilon: float, dtype) -> SparseConvTensor:
+    mean, var = normalization.layer_norm_moments(x.features)
+    return x.replace_feature(normalization.normalize(x.features, x.active, mean, var, scale, bias, epsilon, dtype))
+
+
+def group_norm(x: SparseConvTensor, *, num_groups: int, scale, bias, epsilon: float, dtype) -> SparseConvTensor:
+    segments = jnp.where(x.active, x.indices[:, 0], x.batch_size)
+    mean, var = normalization.group_norm_moments(x.features, segments, x.batch_size, num_groups)
+    return x.replace_feature(normalization.normalize(x.features, x.active, mean, var, scale, bias, epsilon, dtype))
+
+
+# ---- sequential ----------------------------------------------------------------------------
+
+def apply_sequential(layers: Sequence[Callable], x: Any, feature_layer_check: Callable[[Any], None],
+                     **kwargs) -> Any:
+    """Applies ``layers`` in order.
+
+    Sparse layers get the tensor; any other callable gets the ``[capacity, C]`` features
+    and its result becomes the new features, with padding rows zeroed (so ``nn.relu``,
+    ``nn.Dense``, ``nn.Dropout`` just work). Once a layer returns a dense array (``ToDense``,
+    a global pool), later layers get that array. Each layer also gets those ``kwargs``
+    that its call signature names (``use_running_average``, ``deterministic``, ...).
+    ``feature_layer_check`` rejects layers whose feature-wise use would be wrong (a batch
+    norm that would count padding rows).
+    """
+    for layer in layers:
+        layer_kwargs = _accepted_kwargs(layer, kwargs)
+        if takes_sparse_tensor(layer) or not isinstance(x, SparseConvTensor):
+            x = layer(x, **layer_kwargs)
+        else:
+            feature_layer_check(layer)
+            x = x.replace_feature(layer(x.features, **layer_kwargs))
+    return x
+
+
+def _accepted_kwargs(layer: Callable, kwargs: dict) -> dict:
+    if not kwargs:
+        return {}
+    try:
+        parameters = inspect.signature(layer).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return {}
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
+def reject_layer(layer: Any, rejected: dict[type, str]) -> None:
+    for kind, advice in rejected.items():
+        if isinstance(layer, kind):
+            raise TypeError(f"{type(layer).__name__} applied to the features of a sparse tensor would count "
+                            f"padding rows in its statistics; use {advice} instead")
+
+
+def fix_dims(base: type, num_spatial_dims: int, spconv_name: str) -> type:
+    """``base`` specialised to ``num_spatial_dims`` (e.g. ``SubMConv3d`` from ``SubMConv``)."""
+    name = f"{base.__name__}{num_spatial_dims}d"
+    doc = (f"{base.__name__} on {num_spatial_dims} spatial dims (spconv's ``{spconv_name}{num_spatial_dims}d``).\n\n"
+           f"    See ``{base.__name__}`` for the arguments.\n")
+    return type(name, (base,), {"num_spatial_dims": num_spatial_dims, "__doc__": doc,
+                                "__module__": base.__module__, "__qualname__": name})
+
+
+def to_dense(x: SparseConvTensor, channels_first: bool) -> jax.Array:
+    return x.dense(channels_first=channels_first)

@@ -1,0 +1,249 @@
+"""Flax Linen layers over sparse tensors (``import jax_sparseconv.linen as spnn``).
+
+Layers infer their input channels, like ``flax.linen.Conv``. Every layer takes and
+returns a ``SparseConvTensor``, except ``SparseGlobal*Pool`` and ``ToDense`` (dense
+arrays). Define ``SparseSequential`` blocks in ``setup`` to get parameter paths such as
+``conv1/layers_0/kernel``, which match spconv's ``conv1.0.weight`` (see ``jsc.convert``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jax_sparseconv import _layers
+from jax_sparseconv._layers import fix_dims
+
+Initializer = Callable[..., Any]
+IntOrSeq = int | Sequence[int]
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+class _SparseConv(nn.Module):
+    features: int
+    kernel_size: IntOrSeq
+    strides: IntOrSeq = 1
+    padding: IntOrSeq = 0
+    kernel_dilation: IntOrSeq = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+    indice_key: str | None = None
+    out_capacity: int | None = None
+    backend: str | None = None
+
+    mode: ClassVar[str]
+    num_spatial_dims: ClassVar[int | None] = None
+    takes_sparse_tensor: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, x):
+        _layers.check_input(type(self).__name__, x, self.num_spatial_dims)
+        shape = _layers.kernel_shape(self.kernel_size, x.ndim, x.num_channels, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        return _layers.conv(self.mode, x, kernel, bias, strides=self.strides, padding=self.padding,
+                            kernel_dilation=self.kernel_dilation, indice_key=self.indice_key,
+                            out_capacity=self.out_capacity, precision=self.precision, backend=self.backend,
+                            dtype=self.dtype)
+
+
+class SubMConv(_SparseConv):
+    __doc__ = "Submanifold conv: output sites = input sites, odd kernels (spconv's SubMConv).\n" + _layers.CONV_DOC
+    mode: ClassVar[str] = _layers.SUBM
+
+
+class SparseConv(_SparseConv):
+    __doc__ = "Regular sparse conv: strided, creates sites (spconv's SparseConv).\n" + _layers.CONV_DOC
+    mode: ClassVar[str] = _layers.REGULAR
+
+
+class SparseConvTranspose(_SparseConv):
+    __doc__ = "Transposed sparse conv, creates sites (spconv's SparseConvTranspose).\n" + _layers.CONV_DOC
+    mode: ClassVar[str] = _layers.TRANSPOSED
+
+
+class SparseInverseConv(_SparseConv):
+    __doc__ = ("Back to the input sites of the strided conv under ``indice_key`` (spconv's "
+               "SparseInverseConv); strides, padding and dilation come from that conv.\n" + _layers.CONV_DOC)
+    mode: ClassVar[str] = _layers.INVERSE
+
+
+class _SparsePool(nn.Module):
+    kernel_size: IntOrSeq
+    strides: IntOrSeq | None = None
+    padding: IntOrSeq = 0
+    kernel_dilation: IntOrSeq = 1
+    indice_key: str | None = None
+    out_capacity: int | None = None
+    backend: str | None = None
+
+    kind: ClassVar[str]
+    num_spatial_dims: ClassVar[int | None] = None
+    takes_sparse_tensor: ClassVar[bool] = True
+
+    def __call__(self, x):
+        _layers.check_input(type(self).__name__, x, self.num_spatial_dims)
+        return _layers.pool(self.kind, x, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
+                            kernel_dilation=self.kernel_dilation, indice_key=self.indice_key,
+                            out_capacity=self.out_capacity, backend=self.backend)
+
+
+class SparseMaxPool(_SparsePool):
+    """Max over active inputs of each window (spconv's SparseMaxPool); ``strides=None``
+    means ``kernel_size``. Arguments as ``functional.sparse_max_pool``."""
+    kind: ClassVar[str] = "max"
+
+
+class SparseAvgPool(_SparsePool):
+    """Mean over active inputs of each window (spconv's SparseAvgPool)."""
+    kind: ClassVar[str] = "avg"
+
+
+SubMConv1d, SubMConv2d, SubMConv3d, SubMConv4d = (fix_dims(SubMConv, n, "SubMConv") for n in (1, 2, 3, 4))
+SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d = (fix_dims(SparseConv, n, "SparseConv") for n in (1, 2, 3, 4))
+SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d = (
+    fix_dims(SparseConvTranspose, n, "SparseConvTranspose") for n in (1, 2, 3, 4))
+SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d = (
+    fix_dims(SparseInverseConv, n, "SparseInverseConv") for n in (1, 2, 3, 4))
+SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d = (
+    fix_dims(SparseMaxPool, n, "SparseMaxPool") for n in (1, 2, 3, 4))
+SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d = (
+    fix_dims(SparseAvgPool, n, "SparseAvgPool") for n in (1, 2, 3, 4))
+
+
+class _GlobalPool(nn.Module):
+    kind: ClassVar[str]
+    takes_sparse_tensor: ClassVar[bool] = True
+
+    def __call__(self, x):
+        _layers.check_input(type(self).__name__, x, None)
+        return _layers.GLOBAL_POOLS[self.kind](x)
+
+
+class SparseGlobalMaxPool(_GlobalPool):
+    """``[B, C]`` max over each batch item's active sites (spconv's SparseGlobalMaxPool)."""
+    kind: ClassVar[str] = "max"
+
+
+class SparseGlobalAvgPool(_GlobalPool):
+    """``[B, C]`` mean over each batch item's active sites (spconv's SparseGlobalAvgPool)."""
+    kind: ClassVar[str] = "avg"
+
+
+class ToDense(nn.Module):
+    """``[B, *spatial_shape, C]`` dense array (spconv's ToDense gives channels first:
+    set ``channels_first=True`` for ``[B, C, *spatial_shape]``)."""
+    channels_first: bool = False
+    takes_sparse_tensor: ClassVar[bool] = True
+
+    def __call__(self, x):
+        _layers.check_input("ToDense", x, None)
+        return _layers.to_dense(x, self.channels_first)
+
+
+# ---- normalization ---------------------------------------------------------------------------
+
+class SparseBatchNorm(nn.Module):
+    """Batch norm over active sites only (``nn.BatchNorm`` applied to spconv features).
+
+    Same arguments and variables as ``flax.linen.BatchNorm`` (``params``: scale, bias;
+    ``batch_stats``: mean, var). ``axis_name`` averages statistics over devices, weighted
+    by each device's active rows. spconv models usually use ``epsilon=1e-3`` and PyTorch
+    momentum 0.01, which is ``momentum=0.99`` here.
+    """
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros_init()
+    scale_init: Initializer = nn.initializers.ones_init()
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    takes_sparse_tensor: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        _layers.check_input("SparseBatchNorm", x, None)
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        channels = (x.num_channels,)
+        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(channels, jnp.float32))
+        var = self.variable("batch_stats", "var", lambda: jnp.ones(channels, jnp.float32))
+        scale = self.param("scale", self.scale_init, channels, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
+        y, (new_mean, new_var) = _layers.batch_norm(
+            x, use_running_average=use_running_average, running_mean=mean.value, running_var=var.value,
+            scale=scale, bias=bias, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+        if not self.is_initializing():
+            mean.value, var.value = new_mean, new_var
+        return y
+
+
+class SparseLayerNorm(nn.Module):
+    """Layer norm of each active site's channels; padding stays zero (as ``nn.LayerNorm``)."""
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros_init()
+    scale_init: Initializer = nn.initializers.ones_init()
+    takes_sparse_tensor: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, x):
+        _layers.check_input("SparseLayerNorm", x, None)
+        channels = (x.num_channels,)
+        scale = self.param("scale", self.scale_init, channels, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
+        return _layers.layer_norm(x, scale=scale, bias=bias, epsilon=self.epsilon, dtype=self.dtype)
+
+
+class SparseGroupNorm(nn.Module):
+    """Group norm: statistics per batch item and channel group over its active sites."""
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros_init()
+    scale_init: Initializer = nn.initializers.ones_init()
+    takes_sparse_tensor: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, x):
+        _layers.check_input("SparseGroupNorm", x, None)
+        channels = (x.num_channels,)
+        scale = self.param("scale", self.scale_init, channels, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
+        return _layers.group_norm(x, num_groups=self.num_groups, scale=scale, bias=bias, epsilon=self.epsilon,
+                                  dtype=self.dtype)
+
+
+_REJECTED = {nn.BatchNorm: "SparseBatchNorm", nn.GroupNorm: "SparseGroupNorm"}
+
+
+class SparseSequential(nn.Module):
+    """Applies ``layers`` in order (spconv's SparseSequential).
+
+    Sparse layers get the tensor; other modules and callables (``nn.relu``, ``nn.Dense``,
+    ``nn.Dropout``) get the ``[capacity, C]`` features, with padding rows kept at zero.
+    Keyword arguments go to the layers whose call names them, for example
+    ``block(x, use_running_average=not train, deterministic=not train)``.
+    """
+    layers: Sequence[Callable[..., Any]]
+    takes_sparse_tensor: ClassVar[bool] = True
+
+    def __call__(self, x, **kwargs):
+        return _layers.apply_sequential(self.layers, x, lambda layer: _layers.reject_layer(layer, _REJECTED),
+                                        **kwargs)
