@@ -8,6 +8,7 @@ the math here means both namespaces compute exactly the same thing.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -34,7 +35,8 @@ CONV_DOC = """
       kernel_init, bias_init: initializers, as in ``flax.linen.Conv``.
       indice_key: rulebook cache key [indice_key]; an inverse conv needs the key of the
         strided conv it inverts.
-      out_capacity: static row capacity of the output of a strided or transposed conv.
+      out_capacity: static row capacity of the output of a strided or transposed conv:
+        an int, or a float for a multiple of the input capacity (``1.5``: 50% more rows).
       backend: ``"xla"``, ``"ffi"`` or None (automatic).
 """
 
@@ -66,6 +68,8 @@ def conv(mode: str, x: SparseConvTensor, kernel, bias, *, strides, padding, kern
     if mode == INVERSE and (strides, padding, kernel_dilation, out_capacity) != (1, 0, 1, None):
         raise ValueError("SparseInverseConv takes its strides, padding, dilation and capacity from the "
                          f"conv stored under indice_key {indice_key!r}; do not pass them")
+    if isinstance(out_capacity, float):
+        out_capacity = math.ceil(out_capacity * x.capacity)
     if dtype is None:
         dtype = jnp.result_type(x.features, kernel, *([] if bias is None else [bias]))
     x = x.replace_feature(x.features.astype(dtype))

@@ -183,7 +183,7 @@ class SparseBatchNorm(nn.Module):
             x, use_running_average=use_running_average, running_mean=mean.value, running_var=var.value,
             scale=scale, bias=bias, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-        if not self.is_initializing():
+        if not use_running_average and not self.is_initializing():
             mean.value, var.value = new_mean, new_var
         return y
 

@@ -1,0 +1,157 @@
+"""Reference networks in Flax Linen, built from ``jax_sparseconv.linen`` layers.
+
+- ``MinkUNet``: a MinkUNet-style U-Net for per-voxel segmentation (SubM residual
+  blocks, 2x2x2 stride-2 downsampling, inverse convs back up, skip concatenation).
+- ``VoxelBackBone8x``: the SECOND / CenterPoint / OpenPCDet 3D backbone, with the same
+  module names as OpenPCDet (``conv_input``, ``conv1`` ... ``conv_out``), so its
+  checkpoints load with ``jsc.convert.from_spconv``; ``bev_features`` flattens its output
+  to a bird's-eye-view map.
+
+Batch norms use spconv's usual settings (epsilon 1e-3, PyTorch momentum 0.01 = Flax 0.99).
+Call with ``train=True`` to use and update batch statistics (``mutable=["batch_stats"]``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_sparseconv import linen as spnn
+from jax_sparseconv.functional import sparse_add, sparse_cat
+from jax_sparseconv.tensor import SparseConvTensor
+
+BatchNorm = partial(spnn.SparseBatchNorm, epsilon=1e-3, momentum=0.99)
+
+
+class ResidualBlock(nn.Module):
+    """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`` with 3x3x3 SubM convs.
+
+    The shortcut is a linear map of the features (a 1x1x1 SubM conv) with batch norm
+    when the channel count changes, else the identity.
+    """
+    features: int
+    indice_key: str
+    backend: str | None = None
+
+    @nn.compact
+    def __call__(self, x: SparseConvTensor, train: bool) -> SparseConvTensor:
+        conv = partial(spnn.SubMConv3d, self.features, 3, use_bias=False, indice_key=self.indice_key,
+                       backend=self.backend)
+        y = BatchNorm(name="bn1")(conv(name="conv1")(x), use_running_average=not train)
+        y = y.replace_feature(nn.relu(y.features))
+        y = BatchNorm(name="bn2")(conv(name="conv2")(y), use_running_average=not train)
+        shortcut = x
+        if x.num_channels != self.features:
+            shortcut = x.replace_feature(nn.Dense(self.features, use_bias=False, name="shortcut")(x.features))
+            shortcut = BatchNorm(name="shortcut_bn")(shortcut, use_running_average=not train)
+        out = sparse_add(y, shortcut)
+        return out.replace_feature(nn.relu(out.features))
+
+
+class MinkUNet(nn.Module):
+    """MinkUNet-style U-Net on 3D grids: per-site class scores ``[capacity, num_classes]``.
+
+    Defaults follow MinkUNet18 (TorchSparse): stem 32, encoder 32-64-128-256, decoder
+    256-128-96-96, two residual blocks per stage. Each encoder stage halves the grid
+    with a 2x2x2 stride-2 conv (``indice_key="down{i}"``); each decoder stage inverts one
+    and concatenates the skip connection of the same level. The output tensor lives on
+    the input sites, in the input's row order.
+    """
+    num_classes: int
+    stem_features: int = 32
+    encoder_features: Sequence[int] = (32, 64, 128, 256)
+    decoder_features: Sequence[int] = (256, 128, 96, 96)
+    blocks_per_stage: int = 2
+    backend: str | None = None
+
+    @nn.compact
+    def __call__(self, x: SparseConvTensor, train: bool = False) -> SparseConvTensor:
+        if len(self.decoder_features) != len(self.encoder_features):
+            raise ValueError("MinkUNet needs as many decoder stages as encoder stages")
+
+        def conv_bn_relu(layer, name, y):
+            y = BatchNorm(name=f"{name}_bn")(layer(name=f"{name}_conv")(y), use_running_average=not train)
+            return y.replace_feature(nn.relu(y.features))
+
+        stem = partial(spnn.SubMConv3d, self.stem_features, 3, use_bias=False, indice_key="subm0",
+                       backend=self.backend)
+        y = conv_bn_relu(stem, "stem1", x)
+        y = conv_bn_relu(stem, "stem2", y)
+        skips = []
+        levels = len(self.encoder_features)
+        for level, features in enumerate(self.encoder_features, start=1):
+            skips.append(y)
+            down = partial(spnn.SparseConv3d, features, 2, strides=2, use_bias=False, indice_key=f"down{level}",
+                           backend=self.backend)
+            y = conv_bn_relu(down, f"down{level}", y)
+            for b in range(self.blocks_per_stage):
+                y = ResidualBlock(features, f"subm{level}", self.backend, name=f"encoder{level}_block{b}")(y, train)
+        for stage, features in enumerate(self.decoder_features, start=1):
+            level = levels - stage + 1
+            up = partial(spnn.SparseInverseConv3d, features, 2, use_bias=False, indice_key=f"down{level}",
+                         backend=self.backend)
+            y = sparse_cat(conv_bn_relu(up, f"up{stage}", y), skips[level - 1])
+            for b in range(self.blocks_per_stage):
+                y = ResidualBlock(features, f"subm{level - 1}", self.backend, name=f"decoder{stage}_block{b}")(y, train)
+        return y.replace_feature(nn.Dense(self.num_classes, name="classifier")(y.features))
+
+
+def _post_act_block(features, kernel_size, indice_key, strides=None, padding=1, out_capacity=None, backend=None):
+    """conv, batch norm, ReLU (OpenPCDet's ``post_act_block``): SubM without strides, else strided."""
+    if strides is None:
+        conv = spnn.SubMConv3d(features, kernel_size, use_bias=False, indice_key=indice_key, backend=backend)
+    else:
+        conv = spnn.SparseConv3d(features, kernel_size, strides=strides, padding=padding, use_bias=False,
+                                 indice_key=indice_key, out_capacity=out_capacity, backend=backend)
+    return spnn.SparseSequential([conv, BatchNorm(), nn.relu])
+
+
+class VoxelBackBone8x(nn.Module):
+    """SECOND-style 3D backbone, 8x downsampling (OpenPCDet's ``VoxelBackBone8x``).
+
+    Input: a ``(z, y, x)`` grid, for KITTI ``[41, 1600, 1408]``. Output: the stride-8
+    tensor of ``conv_out`` (``features[4]`` channels); ``bev_features`` turns it into
+    ``[B, H, W, C * D]``. ``features`` defaults to OpenPCDet's 16-32-64-64-128.
+    ``out_capacities`` are the row capacities of the four strided convs, as multiples
+    of their input capacity (ints for absolute counts): on KITTI scans the first one
+    creates up to 1.7x the input sites, later ones at most 0.8x.
+    """
+    features: Sequence[int] = (16, 32, 64, 64, 128)
+    last_padding: int = 0
+    out_capacities: Sequence[int | float] = (2.0, 1.0, 1.0, 1.0)
+    backend: str | None = None
+
+    def setup(self):
+        c0, c1, c2, c3, c4 = self.features
+        cap2, cap3, cap4, cap_out = self.out_capacities
+        block = partial(_post_act_block, backend=self.backend)
+        self.conv_input = spnn.SparseSequential([
+            spnn.SubMConv3d(c0, 3, use_bias=False, indice_key="subm1", backend=self.backend), BatchNorm(), nn.relu])
+        self.conv1 = spnn.SparseSequential([block(c0, 3, "subm1")])
+        self.conv2 = spnn.SparseSequential([block(c1, 3, "spconv2", strides=2, out_capacity=cap2), block(c1, 3, "subm2"),
+                                            block(c1, 3, "subm2")])
+        self.conv3 = spnn.SparseSequential([block(c2, 3, "spconv3", strides=2, out_capacity=cap3), block(c2, 3, "subm3"),
+                                            block(c2, 3, "subm3")])
+        self.conv4 = spnn.SparseSequential([block(c3, 3, "spconv4", strides=2, padding=(0, 1, 1), out_capacity=cap4),
+                                            block(c3, 3, "subm4"), block(c3, 3, "subm4")])
+        self.conv_out = spnn.SparseSequential([
+            spnn.SparseConv3d(c4, (3, 1, 1), strides=(2, 1, 1), padding=self.last_padding, use_bias=False,
+                              indice_key="spconv_down2", out_capacity=cap_out, backend=self.backend),
+            BatchNorm(), nn.relu])
+
+    def __call__(self, x: SparseConvTensor, train: bool = False) -> SparseConvTensor:
+        for stage in (self.conv_input, self.conv1, self.conv2, self.conv3, self.conv4, self.conv_out):
+            x = stage(x, use_running_average=not train)
+        return x
+
+
+def bev_features(x: SparseConvTensor) -> jax.Array:
+    """``[B, H, W, C * D]`` bird's-eye view of a ``(z, y, x)`` tensor (OpenPCDet's
+    ``HeightCompression``: channel ``c * D + d``)."""
+    dense = x.dense()  # [B, D, H, W, C]
+    b, d, h, w, c = dense.shape
+    return jnp.transpose(dense, (0, 2, 3, 4, 1)).reshape(b, h, w, c * d)

@@ -1,0 +1,190 @@
+"""spconv weights in our models: the same network in spconv (PyTorch, CPU, forward) and
+in jax_sparseconv with converted weights gives the same output on a real KITTI scan.
+
+spconv 2.3.8 with torch 2.13.0 (CPU) is an optional dependency: without it these tests
+skip, except under CI (``CI`` set), which installs it and where a skip would hide a gap.
+spconv runs with one thread: its multi-threaded CPU path races.
+"""
+
+import os
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax_sparseconv as jsc
+from jax_sparseconv import linen as spnn
+from jax_sparseconv import models
+from jax_sparseconv import nnx as spnnx
+from jax_sparseconv import utils
+
+if os.environ.get("CI"):
+    import spconv.pytorch as sp
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+    sp = pytest.importorskip("spconv.pytorch")
+
+SCAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "kitti" / "000000.bin"
+CHANNELS = (8, 16, 16, 24, 32)
+
+
+@pytest.fixture(scope="module")
+def scan():
+    if not SCAN.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SCAN} is missing: CI needs ../shared/data")
+        pytest.skip(f"{SCAN} not found")
+    return utils.kitti_tensor([SCAN], voxel_size=(0.05, 0.05, 0.1))
+
+
+def _spconv_tensor(x: jsc.SparseConvTensor):
+    active = np.asarray(x.active)
+    return sp.SparseConvTensor(torch.from_numpy(np.asarray(x.features)[active]),
+                               torch.from_numpy(np.asarray(x.indices)[active]), list(x.spatial_shape), x.batch_size)
+
+
+def _randomize(module, seed: int):
+    """Random weights everywhere, and batch norms with non-trivial statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith(("running_var", "weight")) and tensor.ndim == 1:
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            else:
+                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
+    return module.eval()
+
+
+def _run_spconv(module, x):
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        out = module(_spconv_tensor(x))
+    return out.indices.numpy(), out.features.numpy()
+
+
+def _rows_by_site(indices, features):
+    order = np.lexsort(indices.T[::-1])
+    return indices[order], features[order]
+
+
+def _assert_same_rows(ours: jsc.SparseConvTensor, theirs):
+    active = np.asarray(ours.active)
+    our_idx, our_f = _rows_by_site(np.asarray(ours.indices)[active], np.asarray(ours.features)[active])
+    their_idx, their_f = _rows_by_site(*theirs)
+    np.testing.assert_array_equal(our_idx, their_idx)
+    scale = np.abs(their_f).max()
+    np.testing.assert_allclose(our_f, their_f, rtol=1e-4, atol=1e-4 * scale)
+
+
+def _torch_backbone(c_in: int, channels):
+    norm = lambda c: torch.nn.BatchNorm1d(c, eps=1e-3, momentum=0.01)  # noqa: E731
+    c0, c1, c2, c3, c4 = channels
+
+    def block(cin, cout, key, stride=None, padding=1):
+        if stride is None:
+            conv = sp.SubMConv3d(cin, cout, 3, bias=False, indice_key=key)
+        else:
+            conv = sp.SparseConv3d(cin, cout, 3, stride=stride, padding=padding, bias=False, indice_key=key)
+        return sp.SparseSequential(conv, norm(cout), torch.nn.ReLU())
+
+    class Backbone(torch.nn.Module):  # OpenPCDet's VoxelBackBone8x, with its names
+        def __init__(self):
+            super().__init__()
+            self.conv_input = sp.SparseSequential(sp.SubMConv3d(c_in, c0, 3, padding=1, bias=False,
+                                                                indice_key="subm1"), norm(c0), torch.nn.ReLU())
+            self.conv1 = sp.SparseSequential(block(c0, c0, "subm1"))
+            self.conv2 = sp.SparseSequential(block(c0, c1, "spconv2", 2), block(c1, c1, "subm2"),
+                                             block(c1, c1, "subm2"))
+            self.conv3 = sp.SparseSequential(block(c1, c2, "spconv3", 2), block(c2, c2, "subm3"),
+                                             block(c2, c2, "subm3"))
+            self.conv4 = sp.SparseSequential(block(c2, c3, "spconv4", 2, (0, 1, 1)), block(c3, c3, "subm4"),
+                                             block(c3, c3, "subm4"))
+            self.conv_out = sp.SparseSequential(sp.SparseConv3d(c3, c4, (3, 1, 1), stride=(2, 1, 1), padding=0,
+                                                                bias=False, indice_key="spconv_down2"),
+                                                norm(c4), torch.nn.ReLU())
+
+        def forward(self, x):
+            for stage in (self.conv_input, self.conv1, self.conv2, self.conv3, self.conv4, self.conv_out):
+                x = stage(x)
+            return x
+
+    return Backbone()
+
+
+def test_voxel_backbone_matches_spconv(scan, backend):
+    torch_model = _randomize(_torch_backbone(scan.num_channels, CHANNELS), seed=1)
+    theirs = _run_spconv(torch_model, scan)
+    model = models.VoxelBackBone8x(features=CHANNELS, backend=backend)
+    variables = model.init(jax.random.key(0), scan)
+    variables = jsc.convert.from_spconv(torch_model.state_dict(), variables)
+    ours = jax.jit(model.apply)(variables, scan)
+    jsc.check_overflow(ours)
+    _assert_same_rows(ours, theirs)
+
+
+def _torch_unet_like():
+    """Strided conv, inverse conv, 1x1x1 SubM (spconv's matrix reading) and a Linear head."""
+    return sp.SparseSequential(
+        sp.SubMConv3d(4, 8, 3, bias=False, indice_key="subm0"), torch.nn.BatchNorm1d(8, eps=1e-3), torch.nn.ReLU(),
+        sp.SparseConv3d(8, 16, 2, stride=2, bias=False, indice_key="down1"), torch.nn.ReLU(),
+        sp.SparseInverseConv3d(16, 8, 2, bias=False, indice_key="down1"),
+        sp.SubMConv3d(8, 12, 1, bias=False), torch.nn.Linear(12, 5))
+
+
+class LinenUNetLike(nn.Module):
+    def setup(self):
+        self.net = spnn.SparseSequential([
+            spnn.SubMConv3d(8, 3, use_bias=False, indice_key="subm0"), spnn.SparseBatchNorm(epsilon=1e-3), nn.relu,
+            spnn.SparseConv3d(16, 2, strides=2, use_bias=False, indice_key="down1"), nn.relu,
+            spnn.SparseInverseConv3d(8, 2, use_bias=False, indice_key="down1"),
+            spnn.SubMConv3d(12, 1, use_bias=False), nn.Dense(5)])
+
+    def __call__(self, x):
+        return self.net(x, use_running_average=True)
+
+
+def _nnx_unet_like(rngs):
+    return spnnx.SparseSequential(
+        spnnx.SubMConv3d(4, 8, 3, use_bias=False, indice_key="subm0", rngs=rngs),
+        spnnx.SparseBatchNorm(8, epsilon=1e-3, use_running_average=True, rngs=rngs), nnx.relu,
+        spnnx.SparseConv3d(8, 16, 2, 2, use_bias=False, indice_key="down1", rngs=rngs), nnx.relu,
+        spnnx.SparseInverseConv3d(16, 8, 2, use_bias=False, indice_key="down1", rngs=rngs),
+        spnnx.SubMConv3d(8, 12, 1, use_bias=False, rngs=rngs), nnx.Linear(12, 5, rngs=rngs))
+
+
+def test_inverse_and_pointwise_layers_match_spconv_in_linen_and_nnx(scan):
+    torch_model = _randomize(_torch_unet_like(), seed=2)
+    theirs = _run_spconv(torch_model, scan)
+    state_dict = {f"net.{k}": v for k, v in torch_model.state_dict().items()}
+
+    linen_model = LinenUNetLike()
+    variables = jsc.convert.from_spconv(state_dict, linen_model.init(jax.random.key(0), scan))
+    ours = jax.jit(linen_model.apply)(variables, scan)
+    _assert_same_rows(ours, theirs)
+    np.testing.assert_array_equal(np.asarray(ours.indices), np.asarray(scan.indices))  # input row order kept
+
+    nnx_model = _nnx_unet_like(nnx.Rngs(0))
+    state = nnx.state(nnx_model)
+    nnx.replace_by_pure_dict(state, jsc.convert.from_spconv(torch_model.state_dict(), nnx.to_pure_dict(state)))
+    nnx.update(nnx_model, state)
+    nnx_out = nnx.jit(lambda model, x: model(x))(nnx_model, scan)
+    np.testing.assert_array_equal(np.asarray(nnx_out.features), np.asarray(ours.features))
+
+
+def test_converter_names_what_does_not_match(scan):
+    torch_model = _torch_unet_like()
+    variables = LinenUNetLike().init(jax.random.key(0), scan)
+    state_dict = {f"net.{k}": v for k, v in torch_model.state_dict().items()}
+    with pytest.raises(ValueError, match="net.7.weight"):
+        jsc.convert.from_spconv({**state_dict, "net.7.weight": torch.zeros(5, 13)}, variables)
+    with pytest.raises(ValueError, match="no Flax variable params/net/layers_9/kernel"):
+        jsc.convert.from_spconv({**state_dict, "net.9.weight": torch.zeros(5, 12)}, variables)
+    del state_dict["net.1.running_mean"]
+    with pytest.raises(ValueError, match="batch_stats/net/layers_1/mean has no PyTorch tensor"):
+        jsc.convert.from_spconv(state_dict, variables)
