@@ -6,6 +6,7 @@ columns ``(batch, *coords)``, so no linearised key can overflow whatever the gri
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -78,6 +79,10 @@ def _lookup(table: tuple, rows: jax.Array, queries: tuple) -> jax.Array:
     return jnp.where(found, rows[at], -1)
 
 
+# Each entry point is jitted so that eager calls (a Flax ``init``, a notebook) run as one
+# compiled computation instead of op by op; inside an outer ``jit`` this changes nothing.
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
     """Returns ``(out_indices, out_nbr, in_nbr, needed)``; see rulebook.py."""
     del batch_size  # sites are compared as tuples, so the batch size never matters
@@ -125,6 +130,7 @@ def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.where((rows >= 0)[..., None], x[safe], 0)
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
     """``out[r] = sum_k x[nbr[r, k]] @ w[k]``: ``x [N, Cin]``, ``w [K, Cin, Cout]``, ``nbr [M, K]``.
 
@@ -140,6 +146,7 @@ def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) ->
     return lax.fori_loop(0, w.shape[0], step, jnp.zeros((nbr.shape[0], w.shape[2]), acc))
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
     """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``: the kernel gradient, ``[K, Cin, Cout]``."""
     acc = accumulator(x.dtype)
@@ -150,6 +157,7 @@ def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array, precision=Non
     return lax.map(one_offset, nbr.T)
 
 
+@jax.jit
 def gather_sum(x: jax.Array, nbr: jax.Array) -> jax.Array:
     """``out[r] = sum_k x[nbr[r, k]]``, ``[M, C]`` in the accumulation dtype."""
     acc = accumulator(x.dtype)
@@ -160,6 +168,7 @@ def gather_sum(x: jax.Array, nbr: jax.Array) -> jax.Array:
     return lax.fori_loop(0, nbr.shape[1], step, jnp.zeros((nbr.shape[0], x.shape[1]), acc))
 
 
+@jax.jit
 def gather_max(x: jax.Array, nbr: jax.Array):
     """Max over neighbours: ``(out [M, C], argk [M, C] int32)``.
 
@@ -176,6 +185,7 @@ def gather_max(x: jax.Array, nbr: jax.Array):
     return lax.fori_loop(0, nbr.shape[1], step, init)
 
 
+@jax.jit
 def gather_max_grad(g: jax.Array, argk: jax.Array, in_nbr: jax.Array) -> jax.Array:
     """Input gradient of ``gather_max``: ``dx[i] = sum_k g[o] where argk[o] == k, o = in_nbr[i, k]``."""
     def step(k, dx):
