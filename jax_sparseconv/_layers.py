@@ -32,7 +32,8 @@ CONV_DOC = """
       dtype: computation dtype (default: promoted from inputs and params).
       param_dtype: dtype of ``kernel`` ``(*kernel_size, C_in, C_out)`` and ``bias`` ``(C_out,)``.
       precision: matmul precision of the ``xla`` backend (see ``functional.sparse_conv``).
-      kernel_init, bias_init: initializers, as in ``flax.linen.Conv``.
+      kernel_init, bias_init: initializers, as in ``flax.linen.Conv``; ``kernel_init`` is
+        called with the shape ``(kernel volume, C_in, C_out)`` (same fans, faster compile).
       indice_key: rulebook cache key [indice_key]; an inverse conv needs the key of the
         strided conv it inverts.
       out_capacity: static row capacity of the output of a strided or transposed conv:
@@ -60,6 +61,19 @@ def check_input(layer_name: str, x: Any, num_spatial_dims: int | None) -> None:
 
 def kernel_shape(kernel_size, num_spatial_dims: int, in_features: int, out_features: int) -> tuple[int, ...]:
     return (*normalize_tuple(kernel_size, num_spatial_dims, "kernel_size"), in_features, out_features)
+
+
+def flat_kernel_init(kernel_init: Callable) -> Callable:
+    """``kernel_init`` drawn on the shape ``(kernel volume, C_in, C_out)``, then reshaped.
+
+    Flax's variance-scaling initializers see the same fan-in and fan-out either way,
+    but XLA on CPU compiles a random draw of a rank-5 shape about 7x slower than of a
+    rank-3 one (about 2 s per kernel shape), which made a small U-Net's ``init`` take 20 s.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        return kernel_init(key, (math.prod(shape[:-2]), *shape[-2:]), dtype).reshape(shape)
+
+    return init
 
 
 def conv(mode: str, x: SparseConvTensor, kernel, bias, *, strides, padding, kernel_dilation, indice_key,

@@ -45,7 +45,7 @@ class _SparseConv(nn.Module):
     def __call__(self, x):
         _layers.check_input(type(self).__name__, x, self.num_spatial_dims)
         shape = _layers.kernel_shape(self.kernel_size, x.ndim, x.num_channels, self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        kernel = self.param("kernel", _layers.flat_kernel_init(self.kernel_init), shape, self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         return _layers.conv(self.mode, x, kernel, bias, strides=self.strides, padding=self.padding,
                             kernel_dilation=self.kernel_dilation, indice_key=self.indice_key,

@@ -42,7 +42,7 @@ class _SparseConv(nnx.Module):
                  bias_init: Initializer = nnx.initializers.zeros_init(), indice_key: str | None = None,
                  out_capacity: int | None = None, backend: str | None = None, rngs: nnx.Rngs):
         shape = _layers.kernel_shape(kernel_size, _spatial_dims(self, kernel_size), in_features, out_features)
-        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+        self.kernel = nnx.Param(_layers.flat_kernel_init(kernel_init)(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
         self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
         self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation

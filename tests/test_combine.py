@@ -183,27 +183,28 @@ def test_gradients_match_dense_reference(op, shared, rng):
 
 # ---- capacity and overflow ------------------------------------------------------------------
 
-@pytest.mark.parametrize("op", ["add", "cat"])
-def test_out_capacity_too_small_overflows(op, rng):
-    tensors = _inputs(rng, op, 2, 2, (6, 7, 5), dtype=np.float32)
+def test_out_capacity_too_small_overflows(rng):
+    tensors = _inputs(rng, "add", 2, 2, (6, 7, 5), dtype=np.float32)  # equal channels: valid for both ops
     needed = len(set().union(*(T.site_set(t.indices) for t in tensors)))
-    with pytest.raises(jsc.CapacityOverflowError, match=f"needed {needed} active rows but its capacity is {needed - 1}"):
-        OPS[op](*tensors, out_capacity=needed - 1)
-    small = jax.jit(functools.partial(OPS[op], out_capacity=needed - 1))
-    out = small(*tensors)
-    assert out.capacity == needed - 1
-    np.testing.assert_array_equal(out.overflow, [needed, needed - 1])
-    with pytest.raises(jsc.CapacityOverflowError, match=f"needed {needed} active rows"):
-        jsc.check_overflow(out)
-    with pytest.raises(jsc.CapacityOverflowError):
-        jsc.check_overflow({"out": [out]})
-
-    # An input's earlier overflow record is kept and wins over the new one.
     first = tensors[0]
     flagged = jsc.SparseConvTensor(first.features, first.indices, first.spatial_shape, first.batch_size,
                                    overflow=jnp.asarray([77, 5], jnp.int32))
-    np.testing.assert_array_equal(small(flagged, *tensors[1:]).overflow, [77, 5])
-    np.testing.assert_array_equal(OPS[op](flagged, flagged.replace_feature(first.features)).overflow, [77, 5])
+    for op in OPS.values():
+        with pytest.raises(jsc.CapacityOverflowError,
+                           match=f"needed {needed} active rows but its capacity is {needed - 1}"):
+            op(*tensors, out_capacity=needed - 1)
+        small = jax.jit(functools.partial(op, out_capacity=needed - 1))
+        out = small(*tensors)
+        assert out.capacity == needed - 1
+        np.testing.assert_array_equal(out.overflow, [needed, needed - 1])
+        with pytest.raises(jsc.CapacityOverflowError, match=f"needed {needed} active rows"):
+            jsc.check_overflow(out)
+        with pytest.raises(jsc.CapacityOverflowError):
+            jsc.check_overflow({"out": [out]})
+
+        # An input's earlier overflow record is kept and wins over the new one.
+        np.testing.assert_array_equal(small(flagged, *tensors[1:]).overflow, [77, 5])
+        np.testing.assert_array_equal(op(flagged, flagged.replace_feature(first.features)).overflow, [77, 5])
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -270,20 +271,20 @@ def test_indice_dict_entries_are_kept(backend, rng):
         assert op(a1, a2).indice_dict["both"] is a1.indice_dict["both"]
 
 
-@pytest.mark.parametrize("op", ["add", "cat"])
-def test_deterministic(op, rng):
+def test_deterministic(rng):
     with jax.enable_x64(True):
-        tensors = _inputs(rng, op, 3, 2, (6, 7, 5))
-        runs = [OPS[op](*tensors) for _ in range(2)] + [jax.jit(OPS[op])(*tensors) for _ in range(2)]
-        _check_union_result(runs[0], tensors, op, sum(t.capacity for t in tensors))  # the eager path
-        for run in runs[1:]:
-            np.testing.assert_array_equal(run.indices, runs[0].indices)
-            np.testing.assert_array_equal(run.features, runs[0].features)
+        tensors = _inputs(rng, "add", 3, 2, (6, 7, 5))  # equal channels: valid for both ops
+        for name, op in OPS.items():
+            runs = [op(*tensors) for _ in range(2)] + [jax.jit(op)(*tensors) for _ in range(2)]
+            _check_union_result(runs[0], tensors, name, sum(t.capacity for t in tensors))  # the eager path
+            for run in runs[1:]:
+                np.testing.assert_array_equal(run.indices, runs[0].indices)
+                np.testing.assert_array_equal(run.features, runs[0].features)
 
-        def loss(features):
-            return jnp.sum(jnp.sin(OPS[op](*[_raw(t, f) for t, f in zip(tensors, features)]).features))
+            def loss(features):
+                return jnp.sum(jnp.sin(op(*[_raw(t, f) for t, f in zip(tensors, features)]).features))
 
-        grad_fn = jax.jit(jax.grad(loss))
-        grads = [grad_fn([t.features for t in tensors]) for _ in range(2)]
-        for g0, g1 in zip(*grads):
-            np.testing.assert_array_equal(g0, g1)
+            grad_fn = jax.jit(jax.grad(loss))
+            grads = [grad_fn([t.features for t in tensors]) for _ in range(2)]
+            for g0, g1 in zip(*grads):
+                np.testing.assert_array_equal(g0, g1)

@@ -1,0 +1,156 @@
+"""Reference models: parameter names and shapes, rulebook reuse, training on a real
+labeled scan, one compilation per capacity, and checkpoint round trips."""
+
+import os
+from pathlib import Path
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import jax_sparseconv as jsc
+from jax_sparseconv import models, utils
+from jax_sparseconv.backends import ffi, xla
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "semantickitti"
+CROP = (-20.0, -110.0, -4.0, 20.0, -70.0, 4.0)  # metres: a 40 x 40 m piece of the scan
+NUM_CLASSES = 20  # SemanticKITTI learning ids, 0 = unlabeled (ignored)
+
+
+def tiny_unet(backend=None):
+    return models.MinkUNet(NUM_CLASSES, stem_features=8, encoder_features=(8, 16, 16),
+                           decoder_features=(16, 16, 8), blocks_per_stage=1, backend=backend)
+
+
+def labeled_scan(crop=CROP, voxel_size=0.4, capacity=None):
+    """A voxelized SemanticKITTI crop: features (x, y, z relative to the crop, 1) and the
+    majority label of each voxel (``-1`` on padding rows)."""
+    points_file, labels_file = DATA / "o3dml_000700_points.npy", DATA / "o3dml_000700_labels.npy"
+    if not points_file.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{points_file} is missing: CI needs ../shared/data")
+        pytest.skip(f"{points_file} not found")
+    points, labels = np.load(points_file), np.load(labels_file)[:, 0]
+    one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+    coords, features, shape = utils.voxelize(np.concatenate([points, one_hot], axis=1), voxel_size, crop)
+    centre = (np.asarray(crop[:3]) + np.asarray(crop[3:])) / 2
+    inputs = np.concatenate([(features[:, :3] - centre) / 10, np.ones((len(coords), 1), np.float32)], axis=1)
+    indices = np.concatenate([np.zeros((len(coords), 1), np.int32), coords], axis=1)
+    x = jsc.from_numpy(inputs.astype(np.float32), indices, shape, 1, capacity)
+    voxel_labels = np.full(x.capacity, -1, np.int32)
+    voxel_labels[:len(coords)] = features[:, 3:].argmax(axis=1)
+    return x, jnp.asarray(voxel_labels)
+
+
+def test_parameter_names_and_shapes_are_stable():
+    x = jsc.SparseConvTensor(jnp.zeros((4, 4)), -jnp.ones((4, 4), jnp.int32), (20, 100, 100), 1)
+    variables = jax.eval_shape(tiny_unet().init, jax.random.key(0), x)
+    shapes = {"/".join(k.key for k in path): v.shape
+              for path, v in jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
+    assert len(shapes) == 71
+    assert shapes["stem1_conv/kernel"] == (3, 3, 3, 4, 8)
+    assert shapes["stem2_bn/scale"] == (8,)
+    assert shapes["down1_conv/kernel"] == (2, 2, 2, 8, 8)
+    assert shapes["encoder3_block0/conv2/kernel"] == (3, 3, 3, 16, 16)
+    assert shapes["up1_conv/kernel"] == (2, 2, 2, 16, 16)
+    assert shapes["decoder1_block0/conv1/kernel"] == (3, 3, 3, 32, 16)  # after concatenating the skip
+    assert shapes["decoder1_block0/shortcut/kernel"] == (32, 16)
+    assert shapes["decoder3_block0/conv1/kernel"] == (3, 3, 3, 16, 8)
+    assert shapes["classifier/kernel"] == (8, NUM_CLASSES)
+    assert set(variables["batch_stats"]["stem1_bn"]) == {"mean", "var"}
+
+    x = jsc.SparseConvTensor(jnp.zeros((4, 4)), -jnp.ones((4, 4), jnp.int32), (41, 1600, 1408), 1)
+    variables = jax.eval_shape(models.VoxelBackBone8x().init, jax.random.key(0), x)
+    params = variables["params"]
+    assert set(params) == {"conv_input", "conv1", "conv2", "conv3", "conv4", "conv_out"}
+    assert params["conv_input"]["layers_0"]["kernel"].shape == (3, 3, 3, 4, 16)
+    assert params["conv2"]["layers_0"]["layers_0"]["kernel"].shape == (3, 3, 3, 16, 32)
+    assert params["conv4"]["layers_2"]["layers_1"]["scale"].shape == (64,)
+    assert params["conv_out"]["layers_0"]["kernel"].shape == (3, 1, 1, 64, 128)
+    assert variables["batch_stats"]["conv_out"]["layers_1"]["var"].shape == (128,)
+
+
+@pytest.mark.parametrize("backend", ["xla", "ffi"])
+@pytest.mark.parametrize("name", ["unet", "backbone"])
+def test_each_rulebook_is_built_once_per_forward_pass(name, backend, monkeypatch):
+    x, _ = labeled_scan(voxel_size=(0.4, 0.4, 0.2))  # 40 voxels high: enough for the backbone's 4 z-strides
+    model = tiny_unet(backend) if name == "unet" else models.VoxelBackBone8x(features=(4, 4, 4, 4, 4),
+                                                                            backend=backend)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    impl = {"xla": xla, "ffi": ffi}[backend]
+    builds = []
+    original = impl.build_rulebook
+    monkeypatch.setattr(impl, "build_rulebook", lambda *a: builds.append(a[1].mode) or original(*a))
+    jax.jit(model.apply).lower(variables, x)  # tracing is enough to count them
+    if name == "unet":  # subm0..3 and down1..3; the three inverse convs reuse down1..3
+        assert sorted(builds) == ["regular"] * 3 + ["subm"] * 4
+    else:  # subm1..4 and spconv2, spconv3, spconv4, spconv_down2
+        assert sorted(builds) == ["regular"] * 4 + ["subm"] * 4
+
+
+def _train_step(model, optimizer):
+    def loss_fn(params, batch_stats, x, labels):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])
+        weights = (labels > 0).astype(jnp.float32)  # padding (-1) and unlabeled (0) voxels do not count
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.features, jnp.maximum(labels, 0))
+        return jnp.sum(losses * weights) / jnp.sum(weights), updates["batch_stats"]
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, x, labels):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    return step
+
+
+@pytest.mark.parametrize("backend", ["ffi", pytest.param("xla", marks=pytest.mark.slow)])
+def test_training_lowers_the_loss_on_a_real_scan(backend):
+    x, labels = labeled_scan()
+    model = tiny_unet(backend)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(params)
+    step = _train_step(model, optimizer)
+    losses = []
+    for _ in range(12):
+        params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x, labels)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert step._cache_size() == 1
+
+
+def test_scans_of_one_capacity_share_one_compilation():
+    crops = [CROP, (-25.0, -105.0, -4.0, 15.0, -65.0, 4.0), (-15.0, -115.0, -4.0, 25.0, -75.0, 4.0)]
+    scans = [labeled_scan(crop, capacity=8192) for crop in crops]
+    assert len({int(x.num_active) for x, _ in scans}) == 3
+    model = tiny_unet()
+    variables = jax.jit(model.init)(jax.random.key(0), scans[0][0])
+    forward = jax.jit(model.apply)
+    for x, _ in scans:
+        jsc.check_overflow(forward(variables, x))
+    assert forward._cache_size() == 1
+
+
+def test_checkpoints_round_trip(tmp_path):
+    x, _ = labeled_scan()
+    model = tiny_unet()
+    variables = jax.jit(model.init)(jax.random.key(3), x)
+    expected = jax.jit(model.apply)(variables, x).features
+
+    empty = jax.tree_util.tree_map(jnp.zeros_like, variables)
+    restored = flax.serialization.from_bytes(empty, flax.serialization.to_bytes(variables))
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)(restored, x).features), np.asarray(expected))
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "ckpt", variables)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(tmp_path / "ckpt", empty)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, variables)

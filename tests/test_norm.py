@@ -1,0 +1,333 @@
+"""Masked normalization (functional, Linen, NNX) against numpy float64 references over the
+active rows only: batch norm (training, eval, running averages, cross-device statistics),
+layer norm, group norm, Linen == NNX bitwise, and bfloat16 features."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax_sparseconv as jsc
+from jax_sparseconv import linen as spnn
+from jax_sparseconv import normalization as N
+from jax_sparseconv import nnx as spnnx
+from jax_sparseconv import testing as T
+
+SHAPE = (6, 7, 5)
+
+
+def _tensor(rng, batch_size=2, channels=4, dtype=np.float32, **kwargs):
+    x = T.random_tensor(rng, batch_size, SHAPE, channels, dtype=dtype, **kwargs)
+    # An offset and a spread per channel, so a wrong mean or variance shows.
+    shift = rng.normal(size=channels) * 3
+    spread = rng.uniform(0.5, 4.0, size=channels)
+    return x.replace_feature((x.features.astype(jnp.float32) * spread + shift).astype(dtype))
+
+
+def _active_rows(x) -> np.ndarray:
+    return np.asarray(x.features, np.float64)[np.asarray(x.active)]
+
+
+def _np_normalize(rows, mean, var, epsilon, scale, bias):
+    return (rows - mean) / np.sqrt(var + epsilon) * scale + bias
+
+
+def _affine(rng, channels):
+    scale = rng.uniform(0.5, 2.0, size=channels).astype(np.float32)
+    bias = rng.normal(size=channels).astype(np.float32)
+    return scale, bias
+
+
+def _check_output(y, x, expected_active_rows, rtol=2e-5, atol=2e-5):
+    """Active rows equal the reference, padding rows are zero, the sites are unchanged."""
+    active = np.asarray(x.active)
+    features = np.asarray(y.features, np.float64)
+    np.testing.assert_array_equal(y.indices, x.indices)
+    np.testing.assert_allclose(features[active], expected_active_rows, rtol=rtol, atol=atol)
+    assert not features[~active].any(), "padding rows must stay zero"
+
+
+# ---- batch norm (Linen) ---------------------------------------------------------------------
+
+def _batch_norm_variables(rng, channels):
+    scale, bias = _affine(rng, channels)
+    return {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+            "batch_stats": {"mean": jnp.asarray(rng.normal(size=channels), jnp.float32),
+                            "var": jnp.asarray(rng.uniform(0.5, 2.0, size=channels), jnp.float32)}}
+
+
+@pytest.mark.parametrize("batch_size, channels, momentum, epsilon", [(1, 3, 0.9, 1e-5), (2, 5, 0.99, 1e-3),
+                                                                     (3, 8, 0.5, 1e-2)])
+def test_linen_batch_norm_training_matches_numpy(batch_size, channels, momentum, epsilon, rng):
+    x = _tensor(rng, batch_size, channels, padding_rows=int(rng.integers(1, 8)))
+    model = spnn.SparseBatchNorm(momentum=momentum, epsilon=epsilon)
+    initial = model.init(jax.random.key(0), x, use_running_average=True)
+    assert set(initial) == {"params", "batch_stats"}
+    np.testing.assert_array_equal(initial["batch_stats"]["var"], np.ones(channels))
+    variables = _batch_norm_variables(rng, channels)
+    params, stats = variables["params"], variables["batch_stats"]
+    train = jax.jit(functools.partial(model.apply, use_running_average=False, mutable=["batch_stats"]))
+
+    y, updates = train(variables, x)
+    rows = _active_rows(x)
+    mean, var = rows.mean(0), rows.var(0)  # biased variance, active rows only
+    _check_output(y, x, _np_normalize(rows, mean, var, epsilon, params["scale"], params["bias"]))
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], momentum * np.asarray(stats["mean"]) +
+                               (1 - momentum) * mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], momentum * np.asarray(stats["var"]) +
+                               (1 - momentum) * var, rtol=1e-5, atol=1e-5)
+    assert updates["batch_stats"]["mean"].dtype == jnp.float32
+
+    # More padding rows change nothing: they are not counted.
+    padded = x.pad_to(x.capacity + 50)
+    y_padded, updates_padded = train(variables, padded)
+    np.testing.assert_allclose(y_padded.features[:x.capacity], y.features, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(y_padded.features[x.capacity:]).any()
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(updates_padded["batch_stats"][key], updates["batch_stats"][key], rtol=1e-5,
+                                   atol=1e-6)
+
+    # Eval mode normalizes with the running averages and leaves them alone.
+    y_eval = jax.jit(functools.partial(model.apply, use_running_average=True))(variables, x)
+    _check_output(y_eval, x, _np_normalize(rows, np.asarray(stats["mean"]), np.asarray(stats["var"]), epsilon,
+                                           params["scale"], params["bias"]))
+    _, unchanged = model.apply(variables, x, use_running_average=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(unchanged["batch_stats"]["mean"], stats["mean"])
+
+
+@pytest.mark.parametrize("use_scale, use_bias", [(False, True), (True, False), (False, False)])
+def test_linen_batch_norm_without_affine(use_scale, use_bias, rng):
+    x = _tensor(rng)
+    model = spnn.SparseBatchNorm(use_scale=use_scale, use_bias=use_bias, use_running_average=False)
+    variables = model.init(jax.random.key(0), x)
+    assert set(variables.get("params", {})) == {n for n, used in (("scale", use_scale), ("bias", use_bias)) if used}
+    scale, bias = _affine(rng, x.num_channels)
+    variables = {"params": {k: jnp.asarray(v) for k, v in (("scale", scale), ("bias", bias))
+                            if k in variables.get("params", {})}, "batch_stats": variables["batch_stats"]}
+    y, _ = jax.jit(functools.partial(model.apply, mutable=["batch_stats"]))(variables, x)
+    rows = _active_rows(x)
+    _check_output(y, x, _np_normalize(rows, rows.mean(0), rows.var(0), 1e-5, scale if use_scale else 1,
+                                      bias if use_bias else 0))
+
+
+# ---- cross-device statistics ---------------------------------------------------------------------
+
+def _device_tensors(rng, channels, sizes=(0.05, 0.3, 0.7)):
+    """Three tensors with clearly different numbers of active rows, padded to one capacity."""
+    xs = [_tensor(rng, 2, channels, density=d) for d in sizes]
+    capacity = max(x.capacity for x in xs) + 5
+    xs = [x.pad_to(capacity) for x in xs]
+    assert len({int(x.num_active) for x in xs}) == 3
+    return xs
+
+
+def test_masked_moments_matches_numpy_and_psums_across_devices(rng):
+    xs = _device_tensors(rng, 5)
+    for x in xs:  # one device
+        rows = _active_rows(x)
+        mean, var = jax.jit(N.masked_moments)(x.features, x.active)
+        np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(var, rows.var(0), rtol=1e-5, atol=1e-5)
+
+    features = jnp.stack([x.features for x in xs])
+    active = jnp.stack([x.active for x in xs])
+    moments = jax.jit(jax.vmap(functools.partial(N.masked_moments, axis_name="d"), axis_name="d"))
+    mean, var = moments(features, active)
+    rows = np.concatenate([_active_rows(x) for x in xs])  # all devices' rows, weighted by count
+    for d in range(3):
+        np.testing.assert_allclose(mean[d], rows.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(var[d], rows.var(0), rtol=1e-5, atol=1e-5)
+    # Not the mean of per-device means: the devices hold different numbers of rows.
+    per_device = np.mean([_active_rows(x).mean(0) for x in xs], axis=0)
+    assert np.abs(per_device - rows.mean(0)).max() > 1e-3
+
+
+def test_linen_batch_norm_with_axis_name_under_vmap(rng):
+    xs = _device_tensors(rng, 4)
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)
+    momentum, epsilon = 0.9, 1e-4
+    model = spnn.SparseBatchNorm(momentum=momentum, epsilon=epsilon, axis_name="d")
+    variables = _batch_norm_variables(rng, 4)
+    step = jax.jit(jax.vmap(lambda x: model.apply(variables, x, use_running_average=False, mutable=["batch_stats"]),
+                            axis_name="d"))
+    y, updates = step(stacked)
+    rows = np.concatenate([_active_rows(x) for x in xs])
+    mean, var = rows.mean(0), rows.var(0)
+    params, stats = variables["params"], variables["batch_stats"]
+    for d, x in enumerate(xs):
+        y_d = jax.tree_util.tree_map(lambda a: a[d], y)
+        _check_output(y_d, x, _np_normalize(_active_rows(x), mean, var, epsilon, params["scale"], params["bias"]))
+        np.testing.assert_allclose(updates["batch_stats"]["mean"][d],
+                                   momentum * np.asarray(stats["mean"]) + (1 - momentum) * mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(updates["batch_stats"]["var"][d],
+                                   momentum * np.asarray(stats["var"]) + (1 - momentum) * var, rtol=1e-5, atol=1e-5)
+
+
+# ---- layer norm and group norm ------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels, epsilon", [(1, 1e-6), (3, 1e-6), (8, 1e-2)])
+def test_linen_layer_norm_matches_numpy(channels, epsilon, rng):
+    x = _tensor(rng, 2, channels)
+    model = spnn.SparseLayerNorm(epsilon=epsilon)
+    assert set(model.init(jax.random.key(0), x)["params"]) == {"scale", "bias"}
+    scale, bias = _affine(rng, channels)
+    y = jax.jit(model.apply)({"params": {"scale": scale, "bias": bias}}, x)
+    rows = _active_rows(x)
+    mean, var = rows.mean(1, keepdims=True), rows.var(1, keepdims=True)  # per row, over the channels
+    _check_output(y, x, _np_normalize(rows, mean, var, epsilon, scale, bias))
+
+    mean, var = jax.jit(N.layer_norm_moments)(x.features)
+    assert mean.shape == var.shape == (x.capacity, 1)
+    np.testing.assert_allclose(np.asarray(mean)[np.asarray(x.active)], rows.mean(1, keepdims=True), rtol=1e-5,
+                               atol=1e-5)
+
+
+def _np_group_norm(x, num_groups, epsilon, scale, bias):
+    """Per batch item and channel group: normalize over all its active rows and the group's channels."""
+    features, indices = np.asarray(x.features, np.float64), np.asarray(x.indices)
+    out = np.zeros_like(features)
+    size = features.shape[1] // num_groups
+    for b in range(x.batch_size):
+        rows = indices[:, 0] == b
+        for g in range(num_groups):
+            cols = slice(g * size, (g + 1) * size)
+            block = features[rows, cols]
+            if block.size:
+                out[rows, cols] = (block - block.mean()) / np.sqrt(block.var() + epsilon)
+    return out * scale + bias
+
+
+@pytest.mark.parametrize("batch_size, channels, num_groups", [(2, 6, 3), (3, 8, 2), (2, 4, 4), (3, 6, 1)])
+def test_linen_group_norm_matches_numpy(batch_size, channels, num_groups, rng):
+    epsilon = 1e-5
+    x = _tensor(rng, batch_size, channels, density=float(rng.uniform(0.05, 0.4)))
+    model = spnn.SparseGroupNorm(num_groups=num_groups, epsilon=epsilon)
+    scale, bias = _affine(rng, channels)
+    y = jax.jit(model.apply)({"params": {"scale": scale, "bias": bias}}, x)
+    expected = _np_group_norm(x, num_groups, epsilon, scale, bias)
+    _check_output(y, x, expected[np.asarray(x.active)])
+    # More padding rows change nothing.
+    y_padded = jax.jit(model.apply)({"params": {"scale": scale, "bias": bias}}, x.pad_to(x.capacity + 40))
+    np.testing.assert_allclose(y_padded.features[:x.capacity], y.features, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(y_padded.features[x.capacity:]).any()
+
+
+def test_group_norm_with_an_empty_batch_item(rng):
+    x = _tensor(rng, 3, 4)
+    keep = np.asarray(x.indices[:, 0]) != 1  # batch item 1 has no sites
+    x = jsc.SparseConvTensor(jnp.where(keep[:, None], x.features, 0), jnp.where(keep[:, None], x.indices, -1),
+                             x.spatial_shape, 3)
+    scale, bias = _affine(rng, 4)
+    y = jax.jit(spnn.SparseGroupNorm(num_groups=2).apply)({"params": {"scale": scale, "bias": bias}}, x)
+    _check_output(y, x, _np_group_norm(x, 2, 1e-6, scale, bias)[np.asarray(x.active)])
+    assert np.isfinite(np.asarray(y.features)).all()
+
+
+def test_group_norm_channels_not_divisible_raise(rng):
+    x = _tensor(rng, 2, 6)
+    with pytest.raises(ValueError, match="6 channels do not split into 4 groups"):
+        spnn.SparseGroupNorm(num_groups=4).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="do not split"):
+        spnnx.SparseGroupNorm(6, num_groups=4, rngs=nnx.Rngs(0))(x)
+    with pytest.raises(ValueError, match="do not split"):
+        N.group_norm_moments(x.features, jnp.maximum(x.indices[:, 0], 0), 2, 5)
+
+
+# ---- NNX equals Linen ------------------------------------------------------------------------------
+
+def _set(variable, value):
+    variable[...] = jnp.asarray(value)
+
+
+def test_nnx_batch_norm_matches_linen(rng):
+    x = _tensor(rng, 2, 5)
+    momentum, epsilon = 0.8, 1e-3
+    variables = _batch_norm_variables(rng, 5)
+    linen = spnn.SparseBatchNorm(momentum=momentum, epsilon=epsilon)
+    model = spnnx.SparseBatchNorm(5, momentum=momentum, epsilon=epsilon, rngs=nnx.Rngs(0))
+    for name in ("scale", "bias"):
+        _set(getattr(model, name), variables["params"][name])
+    for name in ("mean", "var"):
+        _set(getattr(model, name), variables["batch_stats"][name])
+
+    # Eval mode.
+    y_linen = jax.jit(functools.partial(linen.apply, use_running_average=True))(variables, x)
+    y_nnx = nnx.jit(lambda m, x: m(x, use_running_average=True))(model, x)
+    np.testing.assert_array_equal(y_nnx.features, y_linen.features)
+    np.testing.assert_array_equal(y_nnx.indices, x.indices)
+    np.testing.assert_array_equal(model.mean[...], variables["batch_stats"]["mean"])
+
+    # Training mode, twice: outputs and running averages agree bitwise at each step.
+    train_linen = jax.jit(functools.partial(linen.apply, use_running_average=False, mutable=["batch_stats"]))
+    train_nnx = nnx.jit(lambda m, x: m(x))  # NNX batch norm defaults to training mode
+    for step in range(2):
+        x_step = _tensor(rng, 2, 5) if step else x
+        y_linen, updates = train_linen(variables, x_step)
+        y_nnx = train_nnx(model, x_step)
+        np.testing.assert_array_equal(y_nnx.features, y_linen.features)
+        np.testing.assert_array_equal(model.mean[...], updates["batch_stats"]["mean"])
+        np.testing.assert_array_equal(model.var[...], updates["batch_stats"]["var"])
+        variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+    rows = _active_rows(x_step)
+    assert not np.allclose(np.asarray(model.mean[...]), rows.mean(0))  # a moving average, not the batch mean
+
+
+@pytest.mark.parametrize("kind", ["layer", "group"])
+def test_nnx_layer_and_group_norm_match_linen(kind, rng):
+    channels = 6
+    x = _tensor(rng, 3, channels)
+    scale, bias = _affine(rng, channels)
+    if kind == "layer":
+        linen = spnn.SparseLayerNorm(epsilon=1e-4)
+        model = spnnx.SparseLayerNorm(channels, epsilon=1e-4, rngs=nnx.Rngs(0))
+    else:
+        linen = spnn.SparseGroupNorm(num_groups=3, epsilon=1e-4)
+        model = spnnx.SparseGroupNorm(channels, 3, epsilon=1e-4, rngs=nnx.Rngs(0))
+    _set(model.scale, scale)
+    _set(model.bias, bias)
+    y_linen = jax.jit(linen.apply)({"params": {"scale": scale, "bias": bias}}, x)
+    y_nnx = nnx.jit(lambda m, x: m(x))(model, x)
+    np.testing.assert_array_equal(y_nnx.features, y_linen.features)
+    np.testing.assert_array_equal(y_nnx.indices, x.indices)
+
+
+# ---- bfloat16 ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["batch", "layer", "group"])
+def test_bfloat16_features(kind, rng):
+    x16 = _tensor(rng, 2, 4, dtype=jnp.bfloat16)
+    x32 = x16.replace_feature(x16.features.astype(jnp.float32))  # the same values, exactly
+    scale, bias = _affine(rng, 4)
+    params = {"scale": scale, "bias": bias}
+    if kind == "batch":
+        model = spnn.SparseBatchNorm(use_running_average=False, momentum=0.5)
+        variables = {"params": params, "batch_stats": {"mean": jnp.zeros(4), "var": jnp.ones(4)}}
+        apply = jax.jit(functools.partial(model.apply, mutable=["batch_stats"]))
+        (y16, stats16), (y32, stats32) = apply(variables, x16), apply(variables, x32)
+        # Statistics of bfloat16 features are computed in float32: the same as from the float32 copy.
+        for key in ("mean", "var"):
+            assert stats16["batch_stats"][key].dtype == jnp.float32
+            np.testing.assert_allclose(stats16["batch_stats"][key], stats32["batch_stats"][key], rtol=1e-5,
+                                       atol=1e-6)
+        mean, var = N.masked_moments(x16.features, x16.active)
+        rows = _active_rows(x32)
+        assert mean.dtype == var.dtype == jnp.float32
+        np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-5, atol=1e-5)  # not bf16-rounded
+        np.testing.assert_allclose(var, rows.var(0), rtol=1e-5, atol=1e-5)
+    else:
+        model = spnn.SparseLayerNorm() if kind == "layer" else spnn.SparseGroupNorm(num_groups=2)
+        apply = jax.jit(model.apply)
+        y16, y32 = apply({"params": params}, x16), apply({"params": params}, x32)
+        if kind == "layer":
+            assert N.layer_norm_moments(x16.features)[1].dtype == jnp.float32
+        else:
+            segments = jnp.where(x16.active, x16.indices[:, 0], 2)
+            assert N.group_norm_moments(x16.features, segments, 2, 2)[1].dtype == jnp.float32
+    assert y16.features.dtype == jnp.bfloat16 and y32.features.dtype == jnp.float32
+    # Statistics in float32, only the output rounded to bfloat16 (8 bits of mantissa).
+    out16, out32 = np.asarray(y16.features, np.float64), np.asarray(y32.features, np.float64)
+    np.testing.assert_allclose(out16, out32, rtol=2 ** -8, atol=1e-6)
+    assert not out16[~np.asarray(x16.active)].any()
