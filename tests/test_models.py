@@ -4,6 +4,7 @@ labeled scan, one compilation per capacity, and checkpoint round trips."""
 import os
 from pathlib import Path
 
+import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,42 @@ def test_training_lowers_the_loss_on_a_real_scan(backend):
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.6 * losses[0], losses
     assert step._cache_size() == 1
+
+
+def test_backbone_trains_on_a_bev_target():
+    """A detector-style head on the BEV map learns which columns hold points at stride 8."""
+    x, _ = labeled_scan(voxel_size=(0.4, 0.4, 0.2))
+
+    class Detector(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            features = models.VoxelBackBone8x(features=(4, 8, 8, 8, 8), name="backbone")(x, train)
+            return nn.Dense(1)(models.bev_features(features))[..., 0], features
+
+    model = Detector()
+    variables = jax.jit(model.init, static_argnums=2)(jax.random.key(0), x, False)
+    _, out = jax.jit(model.apply, static_argnums=2)(variables, x, False)
+    target = jnp.any(out.dense() != 0, axis=(1, 4)).astype(jnp.float32)  # [B, H, W] occupied columns
+    optimizer = optax.adam(3e-2)
+
+    def loss_fn(params, batch_stats):
+        (logits, _), updates = model.apply({"params": params, "batch_stats": batch_stats}, x, True,
+                                           mutable=["batch_stats"])
+        return optax.sigmoid_binary_cross_entropy(logits, target).mean(), updates["batch_stats"]
+
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    opt_state = optimizer.init(params)
+    losses = []
+    for _ in range(8):
+        params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_scans_of_one_capacity_share_one_compilation():
