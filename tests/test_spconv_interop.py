@@ -17,7 +17,7 @@ from flax import nnx
 
 import jax_sparseconv as jsc
 from jax_sparseconv import linen as spnn
-from jax_sparseconv import models
+from jax_sparseconv import models, spconv_reference
 from jax_sparseconv import nnx as spnnx
 from jax_sparseconv import utils
 
@@ -41,12 +41,6 @@ def scan():
     return utils.kitti_tensor([SCAN], voxel_size=(0.05, 0.05, 0.1))
 
 
-def _spconv_tensor(x: jsc.SparseConvTensor):
-    active = np.asarray(x.active)
-    return sp.SparseConvTensor(torch.from_numpy(np.asarray(x.features)[active]),
-                               torch.from_numpy(np.asarray(x.indices)[active]), list(x.spatial_shape), x.batch_size)
-
-
 def _randomize(module, seed: int):
     """Random weights everywhere, and batch norms with non-trivial statistics."""
     generator = torch.Generator().manual_seed(seed)
@@ -64,7 +58,7 @@ def _randomize(module, seed: int):
 def _run_spconv(module, x):
     torch.set_num_threads(1)
     with torch.no_grad():
-        out = module(_spconv_tensor(x))
+        out = module(spconv_reference.to_spconv(x))
     return out.indices.numpy(), out.features.numpy()
 
 
@@ -82,49 +76,27 @@ def _assert_same_rows(ours: jsc.SparseConvTensor, theirs):
     np.testing.assert_allclose(our_f, their_f, rtol=1e-4, atol=1e-4 * scale)
 
 
-def _torch_backbone(c_in: int, channels):
-    norm = lambda c: torch.nn.BatchNorm1d(c, eps=1e-3, momentum=0.01)  # noqa: E731
-    c0, c1, c2, c3, c4 = channels
-
-    def block(cin, cout, key, stride=None, padding=1):
-        if stride is None:
-            conv = sp.SubMConv3d(cin, cout, 3, bias=False, indice_key=key)
-        else:
-            conv = sp.SparseConv3d(cin, cout, 3, stride=stride, padding=padding, bias=False, indice_key=key)
-        return sp.SparseSequential(conv, norm(cout), torch.nn.ReLU())
-
-    class Backbone(torch.nn.Module):  # OpenPCDet's VoxelBackBone8x, with its names
-        def __init__(self):
-            super().__init__()
-            self.conv_input = sp.SparseSequential(sp.SubMConv3d(c_in, c0, 3, padding=1, bias=False,
-                                                                indice_key="subm1"), norm(c0), torch.nn.ReLU())
-            self.conv1 = sp.SparseSequential(block(c0, c0, "subm1"))
-            self.conv2 = sp.SparseSequential(block(c0, c1, "spconv2", 2), block(c1, c1, "subm2"),
-                                             block(c1, c1, "subm2"))
-            self.conv3 = sp.SparseSequential(block(c1, c2, "spconv3", 2), block(c2, c2, "subm3"),
-                                             block(c2, c2, "subm3"))
-            self.conv4 = sp.SparseSequential(block(c2, c3, "spconv4", 2, (0, 1, 1)), block(c3, c3, "subm4"),
-                                             block(c3, c3, "subm4"))
-            self.conv_out = sp.SparseSequential(sp.SparseConv3d(c3, c4, (3, 1, 1), stride=(2, 1, 1), padding=0,
-                                                                bias=False, indice_key="spconv_down2"),
-                                                norm(c4), torch.nn.ReLU())
-
-        def forward(self, x):
-            for stage in (self.conv_input, self.conv1, self.conv2, self.conv3, self.conv4, self.conv_out):
-                x = stage(x)
-            return x
-
-    return Backbone()
-
-
+@pytest.mark.parametrize("backend", ["ffi", pytest.param("xla", marks=pytest.mark.slow)])
 def test_voxel_backbone_matches_spconv(scan, backend):
-    torch_model = _randomize(_torch_backbone(scan.num_channels, CHANNELS), seed=1)
+    torch_model = _randomize(spconv_reference.voxel_backbone_8x(scan.num_channels, CHANNELS), seed=1)
     theirs = _run_spconv(torch_model, scan)
     model = models.VoxelBackBone8x(features=CHANNELS, backend=backend)
     variables = model.init(jax.random.key(0), scan)
     variables = jsc.convert.from_spconv(torch_model.state_dict(), variables)
     ours = jax.jit(model.apply)(variables, scan)
     jsc.check_overflow(ours)
+    _assert_same_rows(ours, theirs)
+
+
+def test_mink_unet_matches_spconv(scan):
+    sizes = dict(stem_features=8, encoder_features=(8, 16, 16, 24), decoder_features=(16, 16, 8, 8),
+                 blocks_per_stage=1)
+    torch_model = _randomize(spconv_reference.mink_unet(scan.num_channels, 5, **sizes), seed=3)
+    theirs = _run_spconv(torch_model, scan)
+    model = models.MinkUNet(5, **sizes)
+    variables = jsc.convert.from_spconv(torch_model.state_dict(), model.init(jax.random.key(0), scan))
+    ours = jax.jit(model.apply)(variables, scan)
+    np.testing.assert_array_equal(np.asarray(ours.indices), np.asarray(scan.indices))
     _assert_same_rows(ours, theirs)
 
 
