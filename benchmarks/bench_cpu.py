@@ -8,6 +8,14 @@ a warm-up, its ratio to spconv measured in the same run, the achieved GFLOP/s
 (2 x pairs x C_in x C_out / time), and the dense matmul rate of XLA for the same
 ``[pairs, C_in] x [C_in, C_out]`` shape. spconv (``pip install spconv==2.3.8 torch==2.13.0``)
 is optional; it runs forward only, since its CPU build has no backward.
+
+The network cases run a MinkUNet18-style U-Net (``jax_sparseconv.models.MinkUNet``; its
+spconv twin in ``jax_sparseconv.spconv_reference``): forward in eval mode and a training
+step (forward, backward, Adam update). Peak memory is measured for each network case in a
+fresh subprocess, the same way for both libraries: the rise of the process's peak resident
+set (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model is built and, for
+JAX, compiled ahead of time) during the first call. For JAX the table also gives XLA's own
+count of the buffers of the compiled call (``memory_analysis``), and the compile time.
 """
 
 from __future__ import annotations
@@ -18,14 +26,18 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jax_sparseconv as jsc
+from jax_sparseconv import models, spconv_reference
 from jax_sparseconv.utils import kitti_tensor
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kitti"
@@ -169,6 +181,105 @@ def run_cases(x: jsc.SparseConvTensor, repeats: int) -> list[dict]:
     return rows
 
 
+# ---- a whole network -----------------------------------------------------------------------
+
+NUM_CLASSES = 20
+
+
+def network_inputs(batch: int) -> tuple[jsc.SparseConvTensor, jax.Array]:
+    x = kitti_tensor([DATA / name for name in SCANS[:batch]], 0.05, FULL_RANGE)
+    labels = jax.random.randint(jax.random.key(1), (x.capacity,), 0, NUM_CLASSES)
+    return x, labels
+
+
+def jax_network_call(kind: str, backend: str, x, labels):
+    """``(compiled call, its arguments)`` of the MinkUNet forward or training step."""
+    model = models.MinkUNet(NUM_CLASSES, backend=backend)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    if kind == "forward":
+        fn = jax.jit(lambda variables, x: model.apply(variables, x).features)
+        return fn, (variables, x)
+    optimizer = optax.adam(1e-3)
+
+    def loss_fn(params, batch_stats):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.features, labels)
+        return jnp.sum(jnp.where(x.active, losses, 0)) / jnp.sum(x.active), updates["batch_stats"]
+
+    def step(params, batch_stats, opt_state):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    params = variables["params"]
+    return jax.jit(step), (params, variables["batch_stats"], optimizer.init(params))
+
+
+def spconv_network_call(x):
+    torch.set_num_threads(2)
+    model = spconv_reference.mink_unet(x.num_channels, NUM_CLASSES).eval()
+    tensor = spconv_reference.to_spconv(x)
+
+    def forward():
+        with torch.no_grad():
+            return model(tensor).features
+    return forward
+
+
+def _reset_peak_rss() -> int:
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss_kib("VmRSS")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_probe(impl: str, kind: str, batch: int) -> dict:
+    """Peak RSS rise (MiB) of one call, measured in this (fresh) process."""
+    x, labels = network_inputs(batch)
+    if impl == "spconv":
+        call = spconv_network_call(x)
+        extra = {}
+    else:
+        fn, args = jax_network_call(kind, impl, x, labels)
+        start = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        analysis = compiled.memory_analysis()
+        extra = dict(compile_s=time.perf_counter() - start,
+                     xla_buffers_mib=(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+                                      + analysis.output_size_in_bytes) / 2**20)
+        call = lambda: compiled(*args)  # noqa: E731
+    baseline = _reset_peak_rss()
+    jax.block_until_ready(call())
+    return dict(peak_rss_rise_mib=(_rss_kib("VmHWM") - baseline) / 1024, **extra)
+
+
+def run_network_cases(batch: int, repeats: int, with_xla: bool) -> list[dict]:
+    rows = []
+    x, labels = network_inputs(batch)
+    impls = ["ffi"] + (["xla"] if with_xla else []) + (["spconv"] if spconv is not None else [])
+    for kind in ("forward", "train step"):
+        for impl in impls:
+            if impl == "spconv" and kind != "forward":
+                continue  # spconv's CPU build has no backward
+            if impl == "spconv":
+                call = spconv_network_call(x)
+            else:
+                fn, args = jax_network_call(kind, impl, x, labels)
+                call = jax_timer(fn, *args)
+            probe = subprocess.run([sys.executable, __file__, "--memory-probe", impl, kind, str(batch)],
+                                   capture_output=True, text=True, check=True)
+            memory = json.loads(probe.stdout.strip().splitlines()[-1])
+            rows.append(dict(case=f"MinkUNet18 {kind}", batch=batch, impl=impl,
+                             ms=median_time(call, repeats) * 1e3, gflops=None, dense_gflops=None, **memory))
+    return rows
+
+
 def add_ratios(rows: list[dict]) -> None:
     spconv_ms = {(r["case"], r["batch"]): r["ms"] for r in rows if r["impl"] == "spconv"}
     ffi_ms = {(r["case"], r["batch"]): r["ms"] for r in rows if r["impl"] == "ffi"}
@@ -193,12 +304,37 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def network_table(rows: list[dict]) -> str:
+    by_impl = {(r["case"], r["batch"], r["impl"]): r for r in rows}
+    cases = list(dict.fromkeys((r["case"], r["batch"]) for r in rows if r["case"].startswith("MinkUNet")))
+    num = lambda v, digits=0: "" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    lines = ["| case | B | ffi ms | xla ms | spconv ms | ffi / spconv | peak RSS rise MiB: ffi / xla / spconv "
+             "| XLA buffers MiB: ffi / xla | compile s: ffi / xla |", "|---|---|---|---|---|---|---|---|---|"]
+    for case, batch in cases:
+        ffi, xla, ref = (by_impl.get((case, batch, impl), {}) for impl in ("ffi", "xla", "spconv"))
+        lines.append(
+            f"| {case} | {batch} | {num(ffi.get('ms'))} | {num(xla.get('ms'))} | {num(ref.get('ms'))} | "
+            f"{num(ffi.get('vs_spconv'), 2)} | {num(ffi.get('peak_rss_rise_mib'))} / "
+            f"{num(xla.get('peak_rss_rise_mib'))} / {num(ref.get('peak_rss_rise_mib'))} | "
+            f"{num(ffi.get('xla_buffers_mib'))} / {num(xla.get('xla_buffers_mib'))} | "
+            f"{num(ffi.get('compile_s'), 1)} / {num(xla.get('compile_s'), 1)} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--network-repeats", type=int, default=3, help="timed runs of the network cases")
+    parser.add_argument("--no-xla-network", action="store_true",
+                        help="skip the xla backend in the network cases (minutes per call)")
+    parser.add_argument("--memory-probe", nargs=3, metavar=("IMPL", "KIND", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        impl, kind, batch = args.memory_probe
+        print(json.dumps(memory_probe(impl, kind, int(batch))))
+        return
 
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
                    jax=jax.__version__, spconv=None if spconv is None else importlib.metadata.version("spconv"),
@@ -209,8 +345,11 @@ def main():
         x = kitti_tensor([DATA / name for name in SCANS[:batch]], 0.05, FULL_RANGE)
         print(f"batch {batch}: {int(x.num_active)} voxels, capacity {x.capacity}, grid {x.spatial_shape}")
         rows += run_cases(x, args.repeats)
+        rows += run_network_cases(batch, args.network_repeats, not args.no_xla_network)
     add_ratios(rows)
-    print(markdown_table(rows))
+    print(markdown_table([r for r in rows if not r["case"].startswith("MinkUNet")]))
+    print()
+    print(network_table(rows))
     if args.out:
         args.out.write_text(json.dumps(dict(machine=machine, results=rows), indent=1))
 

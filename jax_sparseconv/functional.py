@@ -34,6 +34,9 @@ def _get_rulebook(x: SparseConvTensor, geometry, indice_key, out_capacity, backe
                 f"indice_key {indice_key!r} holds a rulebook for {cached.geometry} on capacity "
                 f"{cached.in_indices.shape[0]}, which does not match {geometry} on capacity "
                 f"{x.capacity}; layers that share a key need the same geometry and input sites")
+        if not _same_sites(cached.in_indices, x.indices):
+            raise ValueError(f"indice_key {indice_key!r} holds a rulebook built on other sites than the "
+                             "input's; layers that share a key need the same input sites")
         if out_capacity is None or out_capacity == cached.out_capacity:
             return cached
     if out_capacity is None:
@@ -43,6 +46,15 @@ def _get_rulebook(x: SparseConvTensor, geometry, indice_key, out_capacity, backe
         raise_if_overflow(overflow_record(rulebook.needed, rulebook.out_capacity),
                           f"{geometry.mode} sparse op (indice_key={indice_key!r})")
     return rulebook
+
+
+def _same_sites(a: jax.Array, b: jax.Array) -> bool:
+    """Whether two index arrays hold the same rows: the same array, or equal values where
+    both are concrete. Traced arrays that are not the same array cannot be compared while
+    tracing, and count as the same (the caller's promise, as for site values under jit)."""
+    if a is b or not is_concrete(a, b):
+        return True
+    return bool(jnp.array_equal(a, b))
 
 
 def _inverse_rulebook(x: SparseConvTensor, indice_key, kernel_size) -> Rulebook:
@@ -61,6 +73,9 @@ def _inverse_rulebook(x: SparseConvTensor, indice_key, kernel_size) -> Rulebook:
     if forward.out_indices.shape != x.indices.shape:
         raise ValueError(f"the input has capacity {x.capacity} but indice_key {indice_key!r} "
                          f"produced capacity {forward.out_capacity}")
+    if not _same_sites(forward.out_indices, x.indices):
+        raise ValueError(f"the input's sites differ from the output sites of indice_key {indice_key!r}; an "
+                         "inverse conv must run on the sites that conv produced")
     return forward.inverse()
 
 
@@ -356,6 +371,10 @@ def _aligned_features(tensors, out_capacity: int | None, what: str):
     if all(t.indices is first.indices for t in tensors) and out_capacity in (None, first.capacity):
         features, indices = [t.features for t in tensors], first.indices
     else:
+        # Rulebooks that start or end on an input's sites no longer fit the new rows.
+        inputs = [t.indices for t in tensors]
+        indice_dict = {k: r for k, r in indice_dict.items()
+                       if not any(r.in_indices is i or r.out_indices is i for i in inputs)}
         out_capacity = sum(t.capacity for t in tensors) if out_capacity is None else int(out_capacity)
         indices, rows, needed = _union_rows(tensors, out_capacity)
         union_overflow = overflow_record(needed, out_capacity)
@@ -376,7 +395,12 @@ def sparse_add(*tensors: SparseConvTensor, out_capacity: int | None = None) -> S
     row and keep those rows. Otherwise the result lives on the union of the sites, in
     sorted ``(batch, coords)`` order, with capacity ``out_capacity`` (default: the sum of
     the input capacities, which cannot overflow); a site missing from a tensor counts
-    as zero there. ``indice_dict`` entries of all inputs are kept (the first wins).
+    as zero there. ``indice_dict`` entries of all inputs are kept (the first wins), except,
+    on the union path, rulebooks that start or end on an input's sites.
+
+    "Sharing" means the very same array: inside one traced function a residual branch
+    shares its input's ``indices``, but two tensors passed to ``jit`` as separate
+    arguments do not, and take the union path (same sites, sorted rows, larger capacity).
     """
     features, frame = _aligned_features(tensors, out_capacity, "sparse_add")
     channels = {f.shape[1] for f in features}

@@ -181,7 +181,8 @@ class SparseBatchNorm(nn.Module):
         bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
         y, (new_mean, new_var) = _layers.batch_norm(
             x, use_running_average=use_running_average, running_mean=mean.value, running_var=var.value,
-            scale=scale, bias=bias, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            scale=scale, bias=bias, momentum=self.momentum, epsilon=self.epsilon,
+            axis_name=None if self.is_initializing() else self.axis_name,  # as nn.BatchNorm: init runs unmapped
             axis_index_groups=self.axis_index_groups, dtype=self.dtype)
         if not use_running_average and not self.is_initializing():
             mean.value, var.value = new_mean, new_var

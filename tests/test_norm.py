@@ -150,6 +150,8 @@ def test_linen_batch_norm_with_axis_name_under_vmap(rng):
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)
     momentum, epsilon = 0.9, 1e-4
     model = spnn.SparseBatchNorm(momentum=momentum, epsilon=epsilon, axis_name="d")
+    initial = model.init(jax.random.key(0), xs[0], use_running_average=False)  # init runs outside the vmap
+    assert set(initial["batch_stats"]) == {"mean", "var"}
     variables = _batch_norm_variables(rng, 4)
     step = jax.jit(jax.vmap(lambda x: model.apply(variables, x, use_running_average=False, mutable=["batch_stats"]),
                             axis_name="d"))

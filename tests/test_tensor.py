@@ -247,3 +247,26 @@ def test_overflow_raises_eagerly_and_is_flagged_under_jit(backend, rng):
     ok = jax.jit(functools.partial(jsc.sparse_conv, padding=1, out_capacity=needed, backend=backend))(x, kernel)
     jsc.check_overflow(ok)
     np.testing.assert_array_equal(ok.features, full.features[:needed])
+
+
+def test_indice_key_on_other_sites_raises_or_is_dropped():
+    """A cached rulebook never applies to rows it was not built on."""
+    x = jsc.SparseConvTensor(jnp.asarray([[1.0], [10.0], [100.0]]), jnp.asarray([[0, 2], [0, 0], [0, 1]], jnp.int32),
+                             (4,), 1)
+    shift = jnp.asarray([[[1.0]], [[0.0]], [[0.0]]])  # y[i] = x[i - 1]
+    x = jsc.sparse_conv(x, shift, subm=True, indice_key="k")
+    moved = jsc.SparseConvTensor(x.features, jnp.asarray([[0, 1], [0, 0], [0, 2]], jnp.int32), (4,), 1, x.indice_dict)
+    with pytest.raises(ValueError, match="built on other sites"):
+        jsc.sparse_conv(moved, shift, subm=True, indice_key="k")
+    down = jsc.sparse_conv(x, jnp.ones((2, 1, 1)), strides=2, indice_key="down")
+    swapped = jsc.SparseConvTensor(down.features, down.indices[::-1], (2,), 1, down.indice_dict)
+    with pytest.raises(ValueError, match="sites differ from the output sites"):
+        jsc.sparse_conv(swapped, jnp.ones((2, 1, 1)), inverse=True, indice_key="down")
+
+    # A union re-sorts the rows: rulebooks on the inputs' sites are dropped, not reused.
+    empty = jsc.SparseConvTensor(jnp.zeros((0, 1)), jnp.zeros((0, 2), jnp.int32), (4,), 1)
+    union = jsc.functional.sparse_add(x, empty)
+    assert "k" not in union.indice_dict and "down" not in union.indice_dict
+    y = jsc.sparse_conv(union, shift, subm=True, indice_key="k")
+    np.testing.assert_array_equal(np.asarray(union.indices[:, 1]), [0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(y.features[:, 0]), np.asarray(union.features[:, 0][jnp.asarray([0, 0, 1])]) * [0, 1, 1])
