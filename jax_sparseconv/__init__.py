@@ -17,7 +17,7 @@ from jax_sparseconv.functional import (global_avg_pool, global_max_pool, sparse_
 from jax_sparseconv.geometry import ConvGeometry, make_geometry
 from jax_sparseconv.rulebook import Rulebook
 from jax_sparseconv.tensor import (CapacityOverflowError, SparseConvTensor, capacity_bucket, check_overflow,
-                                   from_numpy)
+                                   checkify_overflow, from_numpy)
 
 try:
     __version__ = importlib.metadata.version("jax_sparseconv")
@@ -26,6 +26,6 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 
 __all__ = [
     "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "build_info", "capacity_bucket",
-    "check_overflow", "convert", "from_numpy", "functional", "global_avg_pool", "global_max_pool", "make_geometry",
+    "check_overflow", "checkify_overflow", "convert", "from_numpy", "functional", "global_avg_pool", "global_max_pool", "make_geometry",
     "sparse_avg_pool", "sparse_conv", "sparse_max_pool",
 ]

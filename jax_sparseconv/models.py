@@ -9,12 +9,16 @@
 
 Batch norms use spconv's usual settings (epsilon 1e-3, PyTorch momentum 0.01 = Flax 0.99).
 Call with ``train=True`` to use and update batch statistics (``mutable=["batch_stats"]``).
+
+Every model also takes the options it hands to all of its layers: ``backend``, ``dtype``
+(computation, e.g. ``jnp.bfloat16`` with float32 accumulation in the convs),
+``param_dtype``, and ``axis_name`` for batch statistics across devices (``shard_map``).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,7 +28,24 @@ from jax_sparseconv import linen as spnn
 from jax_sparseconv.functional import sparse_add, sparse_cat
 from jax_sparseconv.tensor import SparseConvTensor
 
-BatchNorm = partial(spnn.SparseBatchNorm, epsilon=1e-3, momentum=0.99)
+
+
+def _conv(model, cls, *args, **kwargs):
+    return cls(*args, use_bias=False, backend=model.backend, dtype=model.dtype, param_dtype=model.param_dtype,
+               **kwargs)
+
+
+def _batch_norm(model, **kwargs):
+    return spnn.SparseBatchNorm(epsilon=1e-3, momentum=0.99, dtype=model.dtype, param_dtype=model.param_dtype,
+                                axis_name=model.axis_name, **kwargs)
+
+
+def _dense(model, features, **kwargs):
+    return nn.Dense(features, dtype=model.dtype, param_dtype=model.param_dtype, **kwargs)
+
+
+def _options(model) -> dict:
+    return dict(backend=model.backend, dtype=model.dtype, param_dtype=model.param_dtype, axis_name=model.axis_name)
 
 
 class ResidualBlock(nn.Module):
@@ -36,18 +57,20 @@ class ResidualBlock(nn.Module):
     features: int
     indice_key: str
     backend: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: SparseConvTensor, train: bool) -> SparseConvTensor:
-        conv = partial(spnn.SubMConv3d, self.features, 3, use_bias=False, indice_key=self.indice_key,
-                       backend=self.backend)
-        y = BatchNorm(name="bn1")(conv(name="conv1")(x), use_running_average=not train)
+        conv = partial(_conv, self, spnn.SubMConv3d, self.features, 3, indice_key=self.indice_key)
+        y = _batch_norm(self, name="bn1")(conv(name="conv1")(x), use_running_average=not train)
         y = y.replace_feature(nn.relu(y.features))
-        y = BatchNorm(name="bn2")(conv(name="conv2")(y), use_running_average=not train)
+        y = _batch_norm(self, name="bn2")(conv(name="conv2")(y), use_running_average=not train)
         shortcut = x
         if x.num_channels != self.features:
-            shortcut = x.replace_feature(nn.Dense(self.features, use_bias=False, name="shortcut")(x.features))
-            shortcut = BatchNorm(name="shortcut_bn")(shortcut, use_running_average=not train)
+            shortcut = x.replace_feature(_dense(self, self.features, use_bias=False, name="shortcut")(x.features))
+            shortcut = _batch_norm(self, name="shortcut_bn")(shortcut, use_running_average=not train)
         out = sparse_add(y, shortcut)
         return out.replace_feature(nn.relu(out.features))
 
@@ -76,6 +99,9 @@ class MinkUNet(nn.Module):
     blocks_per_stage: int = 2
     out_capacities: Sequence[int | float] = (0.75, 0.6, 0.5, 0.5)
     backend: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: SparseConvTensor, train: bool = False) -> SparseConvTensor:
@@ -83,40 +109,41 @@ class MinkUNet(nn.Module):
             raise ValueError("MinkUNet needs as many decoder stages and out_capacities as encoder stages")
 
         def conv_bn_relu(layer, name, y):
-            y = BatchNorm(name=f"{name}_bn")(layer(name=f"{name}_conv")(y), use_running_average=not train)
+            y = _batch_norm(self, name=f"{name}_bn")(layer(name=f"{name}_conv")(y), use_running_average=not train)
             return y.replace_feature(nn.relu(y.features))
 
-        stem = partial(spnn.SubMConv3d, self.stem_features, 3, use_bias=False, indice_key="subm0",
-                       backend=self.backend)
+        def block(features, indice_key, name):
+            return ResidualBlock(features, indice_key, **_options(self), name=name)
+
+        stem = partial(_conv, self, spnn.SubMConv3d, self.stem_features, 3, indice_key="subm0")
         y = conv_bn_relu(stem, "stem1", x)
         y = conv_bn_relu(stem, "stem2", y)
         skips = []
         levels = len(self.encoder_features)
         for level, (features, capacity) in enumerate(zip(self.encoder_features, self.out_capacities), start=1):
             skips.append(y)
-            down = partial(spnn.SparseConv3d, features, 2, strides=2, use_bias=False, indice_key=f"down{level}",
-                           out_capacity=capacity, backend=self.backend)
+            down = partial(_conv, self, spnn.SparseConv3d, features, 2, strides=2, indice_key=f"down{level}",
+                           out_capacity=capacity)
             y = conv_bn_relu(down, f"down{level}", y)
             for b in range(self.blocks_per_stage):
-                y = ResidualBlock(features, f"subm{level}", self.backend, name=f"encoder{level}_block{b}")(y, train)
+                y = block(features, f"subm{level}", f"encoder{level}_block{b}")(y, train)
         for stage, features in enumerate(self.decoder_features, start=1):
             level = levels - stage + 1
-            up = partial(spnn.SparseInverseConv3d, features, 2, use_bias=False, indice_key=f"down{level}",
-                         backend=self.backend)
+            up = partial(_conv, self, spnn.SparseInverseConv3d, features, 2, indice_key=f"down{level}")
             y = sparse_cat(conv_bn_relu(up, f"up{stage}", y), skips[level - 1])
             for b in range(self.blocks_per_stage):
-                y = ResidualBlock(features, f"subm{level - 1}", self.backend, name=f"decoder{stage}_block{b}")(y, train)
-        return y.replace_feature(nn.Dense(self.num_classes, name="classifier")(y.features))
+                y = block(features, f"subm{level - 1}", f"decoder{stage}_block{b}")(y, train)
+        return y.replace_feature(_dense(self, self.num_classes, name="classifier")(y.features))
 
 
-def _post_act_block(features, kernel_size, indice_key, strides=None, padding=1, out_capacity=None, backend=None):
+def _post_act_block(model, features, kernel_size, indice_key, strides=None, padding=1, out_capacity=None):
     """conv, batch norm, ReLU (OpenPCDet's ``post_act_block``): SubM without strides, else strided."""
     if strides is None:
-        conv = spnn.SubMConv3d(features, kernel_size, use_bias=False, indice_key=indice_key, backend=backend)
+        conv = _conv(model, spnn.SubMConv3d, features, kernel_size, indice_key=indice_key)
     else:
-        conv = spnn.SparseConv3d(features, kernel_size, strides=strides, padding=padding, use_bias=False,
-                                 indice_key=indice_key, out_capacity=out_capacity, backend=backend)
-    return spnn.SparseSequential([conv, BatchNorm(), nn.relu])
+        conv = _conv(model, spnn.SparseConv3d, features, kernel_size, strides=strides, padding=padding,
+                     indice_key=indice_key, out_capacity=out_capacity)
+    return spnn.SparseSequential([conv, _batch_norm(model), nn.relu])
 
 
 class VoxelBackBone8x(nn.Module):
@@ -133,13 +160,16 @@ class VoxelBackBone8x(nn.Module):
     last_padding: int = 0
     out_capacities: Sequence[int | float] = (2.0, 1.0, 1.0, 1.0)
     backend: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    axis_name: str | None = None
 
     def setup(self):
         c0, c1, c2, c3, c4 = self.features
         cap2, cap3, cap4, cap_out = self.out_capacities
-        block = partial(_post_act_block, backend=self.backend)
+        block = partial(_post_act_block, self)
         self.conv_input = spnn.SparseSequential([
-            spnn.SubMConv3d(c0, 3, use_bias=False, indice_key="subm1", backend=self.backend), BatchNorm(), nn.relu])
+            _conv(self, spnn.SubMConv3d, c0, 3, indice_key="subm1"), _batch_norm(self), nn.relu])
         self.conv1 = spnn.SparseSequential([block(c0, 3, "subm1")])
         self.conv2 = spnn.SparseSequential([block(c1, 3, "spconv2", strides=2, out_capacity=cap2), block(c1, 3, "subm2"),
                                             block(c1, 3, "subm2")])
@@ -148,9 +178,9 @@ class VoxelBackBone8x(nn.Module):
         self.conv4 = spnn.SparseSequential([block(c3, 3, "spconv4", strides=2, padding=(0, 1, 1), out_capacity=cap4),
                                             block(c3, 3, "subm4"), block(c3, 3, "subm4")])
         self.conv_out = spnn.SparseSequential([
-            spnn.SparseConv3d(c4, (3, 1, 1), strides=(2, 1, 1), padding=self.last_padding, use_bias=False,
-                              indice_key="spconv_down2", out_capacity=cap_out, backend=self.backend),
-            BatchNorm(), nn.relu])
+            _conv(self, spnn.SparseConv3d, c4, (3, 1, 1), strides=(2, 1, 1), padding=self.last_padding,
+                  indice_key="spconv_down2", out_capacity=cap_out),
+            _batch_norm(self), nn.relu])
 
     def __call__(self, x: SparseConvTensor, train: bool = False) -> SparseConvTensor:
         for stage in (self.conv_input, self.conv1, self.conv2, self.conv3, self.conv4, self.conv_out):

@@ -62,6 +62,24 @@ def check_overflow(tree: Any) -> None:
             raise_if_overflow(jax.device_get(leaf.overflow), "a sparse op")
 
 
+def checkify_overflow(tree: Any) -> None:
+    """``jax.experimental.checkify`` checks that no SparseConvTensor in ``tree`` overflowed.
+
+    Under ``checkify.checkify`` (a jitted training step, say), ``err.throw()`` after the
+    step raises with the capacity and the number of rows needed, instead of letting
+    training go on with truncated data. Without ``checkify`` it does nothing (a
+    ``debug_check``), so a step can call it unconditionally.
+    """
+    from jax.experimental import checkify
+
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, SparseConvTensor))
+    for leaf in leaves:
+        if isinstance(leaf, SparseConvTensor):
+            needed, capacity = leaf.overflow[..., 0], leaf.overflow[..., 1]
+            checkify.debug_check(jnp.all(needed == 0), "a sparse op needed {needed} active rows but its capacity is "
+                           "{capacity}; pass a larger out_capacity", needed=jnp.max(needed), capacity=jnp.max(capacity))
+
+
 @jax.tree_util.register_pytree_node_class
 class SparseConvTensor:
     """Sparse features on a batch of voxel grids (spconv's ``SparseConvTensor``).

@@ -63,6 +63,23 @@ def voxelize(points: np.ndarray, voxel_size: float | Sequence[float],
     return coords, features, shape_zyx
 
 
+def voxelize_labels(points: np.ndarray, labels: np.ndarray, num_classes: int,
+                    voxel_size: float | Sequence[float], coors_range: Sequence[float]):
+    """``voxelize`` with per-point class labels: each voxel gets its most frequent label.
+
+    Returns ``(coords, features, voxel_labels, spatial_shape)``; ties go to the smaller
+    label. ``labels`` are ints in ``[0, num_classes)``, one per point.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != len(points) or labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
+        raise ValueError(f"need one label in [0, {num_classes}) per point, got {labels.shape[0]} labels "
+                         f"for {len(points)} points")
+    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
+    coords, features, shape = voxelize(np.concatenate([np.asarray(points, np.float32), one_hot], axis=1),
+                                       voxel_size, coors_range)
+    return coords, features[:, :-num_classes], features[:, -num_classes:].argmax(axis=1).astype(np.int32), shape
+
+
 def kitti_tensor(paths_or_points, voxel_size: float | Sequence[float] = 0.05,
                  coors_range: Sequence[float] = KITTI_RANGE, capacity: int | None = None) -> SparseConvTensor:
     """A batch of voxelized scans as one ``SparseConvTensor``.

@@ -1,11 +1,15 @@
-"""Shared fixtures: fresh random seeds (printed on failure) and the two backends."""
+"""Shared fixtures: fresh random seeds (printed on failure), the two backends, and a
+labeled real scan with a small U-Net for the model and training tests."""
 
 import os
+from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_sparseconv as jsc
+from jax_sparseconv import models, utils
 
 BACKENDS = ["xla", "ffi"]
 
@@ -34,3 +38,42 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+SEMANTIC_KITTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "semantickitti"
+NUM_CLASSES = 20  # SemanticKITTI learning ids, 0 = unlabeled (ignored by the losses)
+
+
+@pytest.fixture
+def labeled_scan():
+    """``load(crop, voxel_size, capacity) -> (x, labels)``: a voxelized crop of the labeled
+    SemanticKITTI scan, features ``(x, y, z relative to the crop centre / 10, 1)``, and the
+    majority label of each voxel (``-1`` on padding rows). Fails under CI without the data."""
+    points_file, labels_file = SEMANTIC_KITTI / "o3dml_000700_points.npy", SEMANTIC_KITTI / "o3dml_000700_labels.npy"
+    if not points_file.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{points_file} is missing: CI needs ../shared/data")
+        pytest.skip(f"{points_file} not found")
+    points, point_labels = np.load(points_file), np.load(labels_file)
+
+    def load(crop=(-20.0, -110.0, -4.0, 20.0, -70.0, 4.0), voxel_size=0.4, capacity=None):
+        coords, features, labels, shape = utils.voxelize_labels(points, point_labels, NUM_CLASSES, voxel_size, crop)
+        centre = (np.asarray(crop[:3]) + np.asarray(crop[3:])) / 2
+        inputs = np.concatenate([(features - centre) / 10, np.ones((len(coords), 1), np.float32)], axis=1)
+        indices = np.concatenate([np.zeros((len(coords), 1), np.int32), coords], axis=1)
+        x = jsc.from_numpy(inputs.astype(np.float32), indices, shape, 1, capacity)
+        voxel_labels = np.full(x.capacity, -1, np.int32)
+        voxel_labels[:len(coords)] = labels
+        return x, jnp.asarray(voxel_labels)
+
+    return load
+
+
+@pytest.fixture
+def tiny_unet():
+    """``make(backend=None, **overrides)``: a MinkUNet small enough to train in a test."""
+    def make(backend=None, **overrides):
+        sizes = dict(stem_features=8, encoder_features=(8, 16, 16), decoder_features=(16, 16, 8),
+                     blocks_per_stage=1, out_capacities=(1.0, 1.0, 1.0))
+        return models.MinkUNet(NUM_CLASSES, backend=backend, **{**sizes, **overrides})
+    return make

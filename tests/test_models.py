@@ -1,8 +1,6 @@
 """Reference models: parameter names and shapes, rulebook reuse, training on a real
 labeled scan, one compilation per capacity, and checkpoint round trips."""
 
-import os
-from pathlib import Path
 
 import flax.linen as nn
 import flax.serialization
@@ -14,40 +12,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jax_sparseconv as jsc
-from jax_sparseconv import models, utils
+from jax_sparseconv import models
 from jax_sparseconv.backends import ffi, xla
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "semantickitti"
-CROP = (-20.0, -110.0, -4.0, 20.0, -70.0, 4.0)  # metres: a 40 x 40 m piece of the scan
-NUM_CLASSES = 20  # SemanticKITTI learning ids, 0 = unlabeled (ignored)
+NUM_CLASSES = 20  # SemanticKITTI learning ids (see conftest.py)
 
 
-def tiny_unet(backend=None):
-    return models.MinkUNet(NUM_CLASSES, stem_features=8, encoder_features=(8, 16, 16),
-                           decoder_features=(16, 16, 8), blocks_per_stage=1, backend=backend)
-
-
-def labeled_scan(crop=CROP, voxel_size=0.4, capacity=None):
-    """A voxelized SemanticKITTI crop: features (x, y, z relative to the crop, 1) and the
-    majority label of each voxel (``-1`` on padding rows)."""
-    points_file, labels_file = DATA / "o3dml_000700_points.npy", DATA / "o3dml_000700_labels.npy"
-    if not points_file.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{points_file} is missing: CI needs ../shared/data")
-        pytest.skip(f"{points_file} not found")
-    points, labels = np.load(points_file), np.load(labels_file)[:, 0]
-    one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
-    coords, features, shape = utils.voxelize(np.concatenate([points, one_hot], axis=1), voxel_size, crop)
-    centre = (np.asarray(crop[:3]) + np.asarray(crop[3:])) / 2
-    inputs = np.concatenate([(features[:, :3] - centre) / 10, np.ones((len(coords), 1), np.float32)], axis=1)
-    indices = np.concatenate([np.zeros((len(coords), 1), np.int32), coords], axis=1)
-    x = jsc.from_numpy(inputs.astype(np.float32), indices, shape, 1, capacity)
-    voxel_labels = np.full(x.capacity, -1, np.int32)
-    voxel_labels[:len(coords)] = features[:, 3:].argmax(axis=1)
-    return x, jnp.asarray(voxel_labels)
-
-
-def test_parameter_names_and_shapes_are_stable():
+def test_parameter_names_and_shapes_are_stable(tiny_unet):
     x = jsc.SparseConvTensor(jnp.zeros((4, 4)), -jnp.ones((4, 4), jnp.int32), (20, 100, 100), 1)
     variables = jax.eval_shape(tiny_unet().init, jax.random.key(0), x)
     shapes = {"/".join(k.key for k in path): v.shape
@@ -77,7 +48,7 @@ def test_parameter_names_and_shapes_are_stable():
 
 @pytest.mark.parametrize("backend", ["xla", "ffi"])
 @pytest.mark.parametrize("name", ["unet", "backbone"])
-def test_each_rulebook_is_built_once_per_forward_pass(name, backend, monkeypatch):
+def test_each_rulebook_is_built_once_per_forward_pass(name, backend, monkeypatch, labeled_scan, tiny_unet):
     x, _ = labeled_scan(voxel_size=(0.4, 0.4, 0.2))  # 40 voxels high: enough for the backbone's 4 z-strides
     model = tiny_unet(backend) if name == "unet" else models.VoxelBackBone8x(features=(4, 4, 4, 4, 4),
                                                                             backend=backend)
@@ -111,7 +82,7 @@ def _train_step(model, optimizer):
 
 
 @pytest.mark.parametrize("backend", ["ffi", pytest.param("xla", marks=pytest.mark.slow)])
-def test_training_lowers_the_loss_on_a_real_scan(backend):
+def test_training_lowers_the_loss_on_a_real_scan(backend, labeled_scan, tiny_unet):
     x, labels = labeled_scan()
     model = tiny_unet(backend)
     variables = jax.jit(model.init)(jax.random.key(0), x)
@@ -128,7 +99,7 @@ def test_training_lowers_the_loss_on_a_real_scan(backend):
     assert step._cache_size() == 1
 
 
-def test_backbone_trains_on_a_bev_target():
+def test_backbone_trains_on_a_bev_target(labeled_scan):
     """A detector-style head on the BEV map learns which columns hold points at stride 8."""
     x, _ = labeled_scan(voxel_size=(0.4, 0.4, 0.2))
 
@@ -164,8 +135,9 @@ def test_backbone_trains_on_a_bev_target():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_scans_of_one_capacity_share_one_compilation():
-    crops = [CROP, (-25.0, -105.0, -4.0, 15.0, -65.0, 4.0), (-15.0, -115.0, -4.0, 25.0, -75.0, 4.0)]
+def test_scans_of_one_capacity_share_one_compilation(labeled_scan, tiny_unet):
+    crops = [(-20.0, -110.0, -4.0, 20.0, -70.0, 4.0), (-25.0, -105.0, -4.0, 15.0, -65.0, 4.0),
+             (-15.0, -115.0, -4.0, 25.0, -75.0, 4.0)]
     scans = [labeled_scan(crop, capacity=8192) for crop in crops]
     assert len({int(x.num_active) for x, _ in scans}) == 3
     model = tiny_unet()
@@ -176,7 +148,7 @@ def test_scans_of_one_capacity_share_one_compilation():
     assert forward._cache_size() == 1
 
 
-def test_checkpoints_round_trip(tmp_path):
+def test_checkpoints_round_trip(tmp_path, labeled_scan, tiny_unet):
     x, _ = labeled_scan()
     model = tiny_unet()
     variables = jax.jit(model.init)(jax.random.key(3), x)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sparseconv.backends.xla import accumulator
-from jax_sparseconv.geometry import MODE_CODES, ConvGeometry
+from jax_sparseconv.geometry import MODE_CODES, SUBM, ConvGeometry
 
 try:
     from jax_sparseconv import _cpu
@@ -32,7 +32,8 @@ def available() -> bool:
 
 
 def _call(target: str, *out_types: jax.ShapeDtypeStruct):
-    # "sequential": vmap runs the handler once per mapped element.
+    # "sequential" is the fallback of vmap where the rules below cannot fold: XLA then
+    # runs the handler once per mapped element.
     return jax.ffi.ffi_call(target, out_types, vmap_method="sequential")
 
 
@@ -40,8 +41,68 @@ def _i64(values) -> np.ndarray:
     return np.asarray(values, np.int64)
 
 
+# ---- vmap: fold the mapped axis into the rows -------------------------------------------------
+#
+# Under jax.vmap, a stack of V tensors becomes one call on V times the rows: the
+# neighbour maps of item v are shifted by v * rows, and the rulebook builder sees item v's
+# batch b as batch v * batch_size + b. Only per-item weights (an ensemble) and the
+# kernel gradient, whose sum must stay per item, fall back to one call per item.
+
+def _shift(nbr: jax.Array, rows: int) -> jax.Array:
+    """``nbr [V, M, K]`` with item v's entries moved to rows ``v * rows ...`` (-1 stays)."""
+    shift = (jnp.arange(nbr.shape[0], dtype=jnp.int32) * rows)[:, None, None]
+    return jnp.where(nbr >= 0, nbr + shift, -1)
+
+
+def _per_item(kernel, axis_size, in_batched, args):
+    """One call per mapped item (``lax.map``), for what cannot be folded."""
+    def one(batched):
+        it = iter(batched)
+        return kernel(*[next(it) if b else a for a, b in zip(args, in_batched)])
+    out = jax.lax.map(one, [a for a, b in zip(args, in_batched) if b])
+    return out, jax.tree_util.tree_map(lambda _: True, out)
+
+
+def _row_kernel(fn, num_gathered: int, foldable: bool = True):
+    """``fn(*gathered, *shared, nbr)``, whose outputs have one row per ``nbr`` row and read
+    the ``gathered`` arrays at the rows ``nbr`` names, with a vmap rule that folds."""
+    kernel = jax.custom_batching.custom_vmap(fn)
+
+    @kernel.def_vmap
+    def rule(axis_size, in_batched, *args):
+        gathered, shared, nbr = args[:num_gathered], args[num_gathered:-1], args[-1]
+        if not foldable or any(in_batched[num_gathered:-1]):
+            return _per_item(kernel, axis_size, in_batched, args)
+        if not in_batched[-1]:
+            nbr = jnp.broadcast_to(nbr, (axis_size, *nbr.shape))
+        if any(in_batched[:num_gathered]):
+            rows = gathered[0].shape[1] if in_batched[0] else gathered[0].shape[0]
+            gathered = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                        for a, b in zip(gathered, in_batched)]
+            gathered = [a.reshape(axis_size * rows, *a.shape[2:]) for a in gathered]
+            nbr = _shift(nbr, rows)
+        out = kernel(*gathered, *shared, nbr.reshape(-1, nbr.shape[-1]))
+        out = jax.tree_util.tree_map(lambda o: o.reshape(axis_size, -1, *o.shape[1:]), out)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return kernel
+
+
 def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
     """Returns ``(out_indices, out_nbr, in_nbr, needed)``; see rulebook.py."""
+    build = jax.custom_batching.custom_vmap(
+        lambda indices: _build_rulebook(indices, geometry, batch_size, out_capacity))
+
+    @build.def_vmap
+    def rule(axis_size, in_batched, indices):
+        del in_batched  # only indices is an argument, so it is the batched one
+        out = _fold_build(indices, geometry, batch_size, out_capacity)
+        return out, (True,) * 4
+
+    return build(indices)
+
+
+def _build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
     n, K, cols = indices.shape[0], geometry.kernel_volume, geometry.ndim + 1
     call = _call("jsc_build_rulebook",
                  jax.ShapeDtypeStruct((out_capacity, cols), jnp.int32),
@@ -54,38 +115,98 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
                 padding=_i64(geometry.padding), dilation=_i64(geometry.dilation))
 
 
-def gather_matmul(x, w, nbr, precision=None):
-    """``out[r] = sum_k x[nbr[r, k]] @ w[k]`` in the accumulation dtype (see xla.py).
+def _fold_build(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
+    """The rulebooks of ``indices [V, N, ndim + 1]``, built by one call on all items."""
+    V, n = indices.shape[:2]
+    item = jnp.arange(V, dtype=jnp.int32)[:, None]
+    batch = jnp.where(indices[..., 0] >= 0, indices[..., 0] + item * batch_size, -1)
+    folded = jnp.concatenate([batch[..., None], indices[..., 1:]], axis=-1).reshape(V * n, -1)
+    out_indices, out_nbr, in_nbr, needed = build_rulebook(folded, geometry, V * batch_size, V * out_capacity)
+    if geometry.mode == SUBM:
+        unshift = lambda m: _shift(m.reshape(V, n, -1), -n)  # noqa: E731  (rows of item v start at v * n)
+        return indices, unshift(out_nbr), unshift(in_nbr), jnp.sum(indices[..., 0] >= 0, axis=1, dtype=jnp.int32)
+    # Output rows come sorted by folded batch, so item v's rows are one run: cut the runs
+    # apart, each into its own capacity.
+    stored = out_indices[:, 0] >= 0
+    owner = jnp.where(stored, out_indices[:, 0] // batch_size, V)  # V: padding
+    counts = jnp.zeros((V + 1,), jnp.int32).at[owner].add(1)[:V]
+    start = jnp.cumsum(counts) - counts
+    local = jnp.arange(V * out_capacity, dtype=jnp.int32) - start[jnp.minimum(owner, V - 1)]
+    keep = stored & (local < out_capacity)
+    slot = (jnp.where(keep, owner, V), jnp.where(keep, local, 0))  # item V is out of range: dropped
+    sites = jnp.concatenate([(out_indices[:, :1] - owner[:, None] * batch_size), out_indices[:, 1:]], axis=1)
+    item_indices = jnp.full((V, out_capacity, indices.shape[-1]), -1, jnp.int32).at[slot].set(sites, mode="drop")
+    item_out_nbr = jnp.full((V, out_capacity, out_nbr.shape[-1]), -1, jnp.int32).at[slot].set(
+        jnp.where(out_nbr >= 0, out_nbr - jnp.minimum(owner, V - 1)[:, None] * n, -1), mode="drop")
+    row_in_item = jnp.where(keep, local, -1)
+    item_in_nbr = jnp.where(in_nbr >= 0, row_in_item[jnp.maximum(in_nbr, 0)], -1).reshape(V, n, -1)
+    # Sites beyond the folded capacity belong to the items from the last stored one on
+    # (rows are sorted by item): count them there, so that no item's loss goes unreported.
+    missing = needed - jnp.sum(stored, dtype=jnp.int32)
+    last = jnp.max(jnp.where(stored, owner, 0))
+    item_needed = counts + jnp.where((missing > 0) & (jnp.arange(V) >= last), missing, 0)
+    return item_indices, item_out_nbr, item_in_nbr, item_needed
 
-    ``precision`` is accepted for the common interface: products are always full float32.
-    """
-    del precision
+
+def _gather_matmul(x, w, nbr):
     out = jax.ShapeDtypeStruct((nbr.shape[0], w.shape[2]), accumulator(x.dtype))
     return _call("jsc_gather_matmul", out)(x, w.astype(x.dtype), nbr)[0]
 
 
-def gather_matmul_grad(x, g, nbr, precision=None):
-    """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py)."""
-    del precision
+def _gather_matmul_grad(x, g, nbr):
     out = jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], g.shape[1]), accumulator(x.dtype))
     return _call("jsc_gather_matmul_grad", out)(x, g.astype(x.dtype), nbr)[0]
 
 
-def gather_sum(x, nbr):
-    """``out[r] = sum_k x[nbr[r, k]]`` in the accumulation dtype."""
+def _gather_sum(x, nbr):
     out = jax.ShapeDtypeStruct((nbr.shape[0], x.shape[1]), accumulator(x.dtype))
     return _call("jsc_gather_sum", out)(x, nbr)[0]
 
 
-def gather_max(x, nbr):
-    """``(out, argk)``: max over neighbours and the first offset attaining it."""
+def _gather_max(x, nbr):
     shape = (nbr.shape[0], x.shape[1])
     out, argk = _call("jsc_gather_max", jax.ShapeDtypeStruct(shape, accumulator(x.dtype)),
                       jax.ShapeDtypeStruct(shape, jnp.int32))(x, nbr)
     return out.astype(x.dtype), argk  # exact: the max is one of the inputs
 
 
-def gather_max_grad(g, argk, in_nbr):
-    """Input gradient of ``gather_max``."""
+def _gather_max_grad(g, argk, in_nbr):
     out = jax.ShapeDtypeStruct((in_nbr.shape[0], g.shape[1]), accumulator(g.dtype))
     return _call("jsc_gather_max_grad", out)(g, argk, in_nbr)[0].astype(g.dtype)
+
+
+_gather_matmul_folding = _row_kernel(_gather_matmul, num_gathered=1)
+_gather_matmul_grad_per_item = _row_kernel(_gather_matmul_grad, num_gathered=2, foldable=False)
+_gather_sum_folding = _row_kernel(_gather_sum, num_gathered=1)
+_gather_max_folding = _row_kernel(_gather_max, num_gathered=1)
+_gather_max_grad_folding = _row_kernel(_gather_max_grad, num_gathered=2)
+
+
+def gather_matmul(x, w, nbr, precision=None):
+    """``out[r] = sum_k x[nbr[r, k]] @ w[k]`` in the accumulation dtype (see xla.py).
+
+    ``precision`` is accepted for the common interface: products are always full float32.
+    """
+    del precision
+    return _gather_matmul_folding(x, w, nbr)
+
+
+def gather_matmul_grad(x, g, nbr, precision=None):
+    """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py); per item under vmap."""
+    del precision
+    return _gather_matmul_grad_per_item(x, g, nbr)
+
+
+def gather_sum(x, nbr):
+    """``out[r] = sum_k x[nbr[r, k]]`` in the accumulation dtype."""
+    return _gather_sum_folding(x, nbr)
+
+
+def gather_max(x, nbr):
+    """``(out, argk)``: max over neighbours and the first offset attaining it."""
+    return _gather_max_folding(x, nbr)
+
+
+def gather_max_grad(g, argk, in_nbr):
+    """Input gradient of ``gather_max``."""
+    return _gather_max_grad_folding(g, argk, in_nbr)
