@@ -100,19 +100,26 @@ def _conv(features, kernel, bias, out_nbr, in_nbr, out_active, backend, precisio
     return _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend, precision)[0]
 
 
+# Padding rows have no neighbours, so the gathers give them zeros and never read their
+# cotangents: only the bias needs the active-row mask.
+
 def _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend, precision):
-    out = backends.get(backend).gather_matmul(features, kernel, out_nbr, precision) + bias
-    out = jnp.where(out_active[:, None], out, 0).astype(features.dtype)
-    return out, (features, kernel, out_nbr, in_nbr, out_active)
+    out = backends.get(backend).gather_matmul(features, kernel, out_nbr, precision)
+    if bias is not None:
+        out = jnp.where(out_active[:, None], out + bias, 0)
+    bias_rows = None if bias is None else out_active  # None (no leaves) tells the backward pass: no bias
+    return out.astype(features.dtype), (features, kernel, out_nbr, in_nbr, bias_rows)
 
 
 def _conv_bwd(backend, precision, residuals, g):
-    features, kernel, out_nbr, in_nbr, out_active = residuals
+    features, kernel, out_nbr, in_nbr, bias_rows = residuals
     impl = backends.get(backend)
-    g = jnp.where(out_active[:, None], g, 0)
     d_features = impl.gather_matmul(g, jnp.swapaxes(kernel, 1, 2), in_nbr, precision).astype(features.dtype)
     d_kernel = impl.gather_matmul_grad(features, g, out_nbr, precision).astype(kernel.dtype)
-    d_bias = jnp.sum(g, axis=0, dtype=jnp.promote_types(g.dtype, jnp.float32)).astype(kernel.dtype)
+    d_bias = None
+    if bias_rows is not None:
+        d_bias = jnp.sum(jnp.where(bias_rows[:, None], g, 0), axis=0,
+                         dtype=jnp.promote_types(g.dtype, jnp.float32)).astype(kernel.dtype)
     return d_features, d_kernel, d_bias, None, None, None
 
 
@@ -157,9 +164,10 @@ def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1
                          f"spatial dims, got shape {kernel.shape}")
     c_out = kernel.shape[-1]
     dtype = jnp.result_type(x.features, kernel)
-    bias = jnp.zeros((c_out,), dtype) if bias is None else jnp.asarray(bias, dtype)
-    if bias.shape != (c_out,):
-        raise ValueError(f"bias must have shape ({c_out},), got {bias.shape}")
+    if bias is not None:
+        bias = jnp.asarray(bias, dtype)
+        if bias.shape != (c_out,):
+            raise ValueError(f"bias must have shape ({c_out},), got {bias.shape}")
     backend = backends.resolve(backend)
     kernel_size = kernel.shape[:-2]
     if inverse:
