@@ -201,19 +201,19 @@ def jax_network_call(kind: str, backend: str, x, labels):
         return fn, (variables, x)
     optimizer = optax.adam(1e-3)
 
-    def loss_fn(params, batch_stats):
+    def loss_fn(params, batch_stats, x, labels):
         logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                       mutable=["batch_stats"])
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.features, labels)
         return jnp.sum(jnp.where(x.active, losses, 0)) / jnp.sum(x.active), updates["batch_stats"]
 
-    def step(params, batch_stats, opt_state):
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+    def step(params, batch_stats, opt_state, x, labels):  # the scan is an argument, as in a training loop
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, labels)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     params = variables["params"]
-    return jax.jit(step), (params, variables["batch_stats"], optimizer.init(params))
+    return jax.jit(step), (params, variables["batch_stats"], optimizer.init(params), x, labels)
 
 
 def spconv_network_call(x):
@@ -329,6 +329,8 @@ def main():
     parser.add_argument("--network-repeats", type=int, default=3, help="timed runs of the network cases")
     parser.add_argument("--no-xla-network", action="store_true",
                         help="skip the xla backend in the network cases (minutes per call)")
+    parser.add_argument("--cases", choices=["all", "ops", "networks"], default="all",
+                        help="single ops, the MinkUNet network cases, or both")
     parser.add_argument("--memory-probe", nargs=3, metavar=("IMPL", "KIND", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -344,8 +346,10 @@ def main():
     for batch in args.batches:
         x = kitti_tensor([DATA / name for name in SCANS[:batch]], 0.05, FULL_RANGE)
         print(f"batch {batch}: {int(x.num_active)} voxels, capacity {x.capacity}, grid {x.spatial_shape}")
-        rows += run_cases(x, args.repeats)
-        rows += run_network_cases(batch, args.network_repeats, not args.no_xla_network)
+        if args.cases in ("all", "ops"):
+            rows += run_cases(x, args.repeats)
+        if args.cases in ("all", "networks"):
+            rows += run_network_cases(batch, args.network_repeats, not args.no_xla_network)
     add_ratios(rows)
     print(markdown_table([r for r in rows if not r["case"].startswith("MinkUNet")]))
     print()

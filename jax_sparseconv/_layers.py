@@ -184,13 +184,16 @@ def reject_layer(layer: Any, rejected: dict[type, str]) -> None:
                             f"padding rows in its statistics; use {advice} instead")
 
 
-def fix_dims(base: type, num_spatial_dims: int, spconv_name: str) -> type:
-    """``base`` specialised to ``num_spatial_dims`` (e.g. ``SubMConv3d`` from ``SubMConv``)."""
-    name = f"{base.__name__}{num_spatial_dims}d"
-    doc = (f"{base.__name__} on {num_spatial_dims} spatial dims (spconv's ``{spconv_name}{num_spatial_dims}d``).\n\n"
-           f"    See ``{base.__name__}`` for the arguments.\n")
-    return type(name, (base,), {"num_spatial_dims": num_spatial_dims, "__doc__": doc,
-                                "__module__": base.__module__, "__qualname__": name})
+def define_dimension_variants(namespace: dict, *bases: type) -> None:
+    """Adds ``Base1d`` ... ``Base4d`` to ``namespace`` for each base class (``SubMConv3d`` is
+    ``SubMConv`` fixed to 3 spatial dims, spconv's ``SubMConv3d``)."""
+    for base in bases:
+        for num_spatial_dims in range(1, 5):
+            name = f"{base.__name__}{num_spatial_dims}d"
+            doc = (f"{base.__name__} on {num_spatial_dims} spatial dims (spconv's ``{name}``).\n\n"
+                   f"    See ``{base.__name__}`` for the arguments.\n")
+            namespace[name] = type(name, (base,), {"num_spatial_dims": num_spatial_dims, "__doc__": doc,
+                                                   "__module__": base.__module__, "__qualname__": name})
 
 
 def to_dense(x: SparseConvTensor, channels_first: bool) -> jax.Array:

@@ -4,6 +4,11 @@ Layers infer their input channels, like ``flax.linen.Conv``. Every layer takes a
 returns a ``SparseConvTensor``, except ``SparseGlobal*Pool`` and ``ToDense`` (dense
 arrays). Define ``SparseSequential`` blocks in ``setup`` to get parameter paths such as
 ``conv1/layers_0/kernel``, which match spconv's ``conv1.0.weight`` (see ``jsc.convert``).
+
+Layers: ``SubMConv``, ``SparseConv``, ``SparseConvTranspose``, ``SparseInverseConv``,
+``SparseMaxPool``, ``SparseAvgPool`` (any rank) and their fixed-rank forms ``SubMConv1d`` ...
+``SparseAvgPool4d``; ``SparseGlobalMaxPool``, ``SparseGlobalAvgPool``, ``ToDense``,
+``SparseBatchNorm``, ``SparseLayerNorm``, ``SparseGroupNorm``, ``SparseSequential``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jax_sparseconv import _layers
-from jax_sparseconv._layers import fix_dims
 
 Initializer = Callable[..., Any]
 IntOrSeq = int | Sequence[int]
@@ -105,16 +109,9 @@ class SparseAvgPool(_SparsePool):
     kind: ClassVar[str] = "avg"
 
 
-SubMConv1d, SubMConv2d, SubMConv3d, SubMConv4d = (fix_dims(SubMConv, n, "SubMConv") for n in (1, 2, 3, 4))
-SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d = (fix_dims(SparseConv, n, "SparseConv") for n in (1, 2, 3, 4))
-SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d = (
-    fix_dims(SparseConvTranspose, n, "SparseConvTranspose") for n in (1, 2, 3, 4))
-SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d = (
-    fix_dims(SparseInverseConv, n, "SparseInverseConv") for n in (1, 2, 3, 4))
-SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d = (
-    fix_dims(SparseMaxPool, n, "SparseMaxPool") for n in (1, 2, 3, 4))
-SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d = (
-    fix_dims(SparseAvgPool, n, "SparseAvgPool") for n in (1, 2, 3, 4))
+# SubMConv1d ... SubMConv4d, SparseConv1d ..., SparseAvgPool4d.
+_layers.define_dimension_variants(globals(), SubMConv, SparseConv, SparseConvTranspose, SparseInverseConv,
+                                  SparseMaxPool, SparseAvgPool)
 
 
 class _GlobalPool(nn.Module):
@@ -189,8 +186,7 @@ class SparseBatchNorm(nn.Module):
         return y
 
 
-class SparseLayerNorm(nn.Module):
-    """Layer norm of each active site's channels; padding stays zero (as ``nn.LayerNorm``)."""
+class _AffineNorm(nn.Module):
     epsilon: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -199,34 +195,32 @@ class SparseLayerNorm(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
     scale_init: Initializer = nn.initializers.ones_init()
     takes_sparse_tensor: ClassVar[bool] = True
+
+    def _affine(self, x):
+        channels = (x.num_channels,)
+        scale = self.param("scale", self.scale_init, channels, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
+        return scale, bias
+
+
+class SparseLayerNorm(_AffineNorm):
+    """Layer norm of each active site's channels; padding stays zero (as ``nn.LayerNorm``)."""
 
     @nn.compact
     def __call__(self, x):
         _layers.check_input("SparseLayerNorm", x, None)
-        channels = (x.num_channels,)
-        scale = self.param("scale", self.scale_init, channels, self.param_dtype) if self.use_scale else None
-        bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
+        scale, bias = self._affine(x)
         return _layers.layer_norm(x, scale=scale, bias=bias, epsilon=self.epsilon, dtype=self.dtype)
 
 
-class SparseGroupNorm(nn.Module):
+class SparseGroupNorm(_AffineNorm):
     """Group norm: statistics per batch item and channel group over its active sites."""
     num_groups: int = 32
-    epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = nn.initializers.zeros_init()
-    scale_init: Initializer = nn.initializers.ones_init()
-    takes_sparse_tensor: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x):
         _layers.check_input("SparseGroupNorm", x, None)
-        channels = (x.num_channels,)
-        scale = self.param("scale", self.scale_init, channels, self.param_dtype) if self.use_scale else None
-        bias = self.param("bias", self.bias_init, channels, self.param_dtype) if self.use_bias else None
+        scale, bias = self._affine(x)
         return _layers.group_norm(x, num_groups=self.num_groups, scale=scale, bias=bias, epsilon=self.epsilon,
                                   dtype=self.dtype)
 

@@ -4,6 +4,11 @@ The same layers as ``jax_sparseconv.linen``, computing the same thing through th
 shared code; as in ``flax.nnx``, constructors take ``in_features, out_features`` (or
 ``num_features``) and ``rngs``. Conv layers need the number of spatial dims when they
 are built: use the ``...3d`` classes or give ``kernel_size`` as a tuple.
+
+Layers: ``SubMConv``, ``SparseConv``, ``SparseConvTranspose``, ``SparseInverseConv``,
+``SparseMaxPool``, ``SparseAvgPool`` (any rank) and their fixed-rank forms ``SubMConv1d`` ...
+``SparseAvgPool4d``; ``SparseGlobalMaxPool``, ``SparseGlobalAvgPool``, ``ToDense``,
+``SparseBatchNorm``, ``SparseLayerNorm``, ``SparseGroupNorm``, ``SparseSequential``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_sparseconv import _layers
-from jax_sparseconv._layers import fix_dims
 
 Initializer = Callable[..., Any]
 IntOrSeq = int | Sequence[int]
@@ -108,16 +112,9 @@ class SparseAvgPool(_SparsePool):
     kind: ClassVar[str] = "avg"
 
 
-SubMConv1d, SubMConv2d, SubMConv3d, SubMConv4d = (fix_dims(SubMConv, n, "SubMConv") for n in (1, 2, 3, 4))
-SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d = (fix_dims(SparseConv, n, "SparseConv") for n in (1, 2, 3, 4))
-SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d = (
-    fix_dims(SparseConvTranspose, n, "SparseConvTranspose") for n in (1, 2, 3, 4))
-SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d = (
-    fix_dims(SparseInverseConv, n, "SparseInverseConv") for n in (1, 2, 3, 4))
-SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d = (
-    fix_dims(SparseMaxPool, n, "SparseMaxPool") for n in (1, 2, 3, 4))
-SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d = (
-    fix_dims(SparseAvgPool, n, "SparseAvgPool") for n in (1, 2, 3, 4))
+# SubMConv1d ... SubMConv4d, SparseConv1d ..., SparseAvgPool4d.
+_layers.define_dimension_variants(globals(), SubMConv, SparseConv, SparseConvTranspose, SparseInverseConv,
+                                  SparseMaxPool, SparseAvgPool)
 
 
 class _GlobalPool(nnx.Module):

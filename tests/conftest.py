@@ -40,20 +40,31 @@ def backend(request):
     return request.param
 
 
-SEMANTIC_KITTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "semantickitti"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NUM_CLASSES = 20  # SemanticKITTI learning ids, 0 = unlabeled (ignored by the losses)
 
 
+@pytest.fixture(scope="session")
+def shared_data():
+    """``path(relative)``: a file of ``../shared/data``; the test skips where it is missing,
+    and fails under CI (``CI`` set), whose checkout has the data beside it."""
+    def path(relative: str) -> Path:
+        file = SHARED_DATA / relative
+        if not file.exists():
+            if os.environ.get("CI"):
+                pytest.fail(f"{file} is missing: CI needs ../shared/data beside the repository")
+            pytest.skip(f"{file} not found (../shared/data sits beside the repository)")
+        return file
+    return path
+
+
 @pytest.fixture
-def labeled_scan():
+def labeled_scan(shared_data):
     """``load(crop, voxel_size, capacity) -> (x, labels)``: a voxelized crop of the labeled
     SemanticKITTI scan, features ``(x, y, z relative to the crop centre / 10, 1)``, and the
-    majority label of each voxel (``-1`` on padding rows). Fails under CI without the data."""
-    points_file, labels_file = SEMANTIC_KITTI / "o3dml_000700_points.npy", SEMANTIC_KITTI / "o3dml_000700_labels.npy"
-    if not points_file.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{points_file} is missing: CI needs ../shared/data")
-        pytest.skip(f"{points_file} not found")
+    majority label of each voxel (``-1`` on padding rows)."""
+    points_file = shared_data("semantickitti/o3dml_000700_points.npy")
+    labels_file = shared_data("semantickitti/o3dml_000700_labels.npy")
     points, point_labels = np.load(points_file), np.load(labels_file)
 
     def load(crop=(-20.0, -110.0, -4.0, 20.0, -70.0, 4.0), voxel_size=0.4, capacity=None):

@@ -1,8 +1,6 @@
 """A real KITTI scan at 0.05 m through a small network under jit, checked against dense convs on a crop."""
 
 import functools
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,6 @@ from jax_sparseconv import testing as T
 from jax_sparseconv.geometry import REGULAR, SUBM, make_geometry
 from jax_sparseconv.utils import KITTI_RANGE, kitti_tensor
 
-SCAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kitti" / "000000.bin"
 CHANNELS = (4, 8, 16, 16, 8)
 # A 64 x 64 column (all z) around the densest part of scan 000000, at even voxel coordinates so
 # that the stride-2 grid of the crop lines up with that of the scan; results are compared
@@ -23,12 +20,8 @@ CROP_YX, CROP_SIZE, MARGIN = (656, 64), 64, 12
 
 
 @pytest.fixture(scope="module")
-def scan():
-    if not SCAN.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{SCAN} is missing: CI needs ../shared/data beside the repo")
-        pytest.skip(f"{SCAN} not found (../shared/data sits beside the repo)")
-    return kitti_tensor(SCAN, voxel_size=0.05, coors_range=KITTI_RANGE)
+def scan(shared_data):
+    return kitti_tensor(shared_data("kitti/000000.bin"), voxel_size=0.05, coors_range=KITTI_RANGE)
 
 
 def network(x, weights, backend):

@@ -7,7 +7,6 @@ spconv runs with one thread: its multi-threaded CPU path races.
 """
 
 import os
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -28,17 +27,12 @@ else:
     torch = pytest.importorskip("torch")
     sp = pytest.importorskip("spconv.pytorch")
 
-SCAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "kitti" / "000000.bin"
 CHANNELS = (8, 16, 16, 24, 32)
 
 
 @pytest.fixture(scope="module")
-def scan():
-    if not SCAN.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{SCAN} is missing: CI needs ../shared/data")
-        pytest.skip(f"{SCAN} not found")
-    return utils.kitti_tensor([SCAN], voxel_size=(0.05, 0.05, 0.1))
+def scan(shared_data):
+    return utils.kitti_tensor([shared_data("kitti/000000.bin")], voxel_size=(0.05, 0.05, 0.1))
 
 
 def _randomize(module, seed: int):

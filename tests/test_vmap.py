@@ -1,15 +1,17 @@
-"""jax.vmap over stacks of SparseConvTensors: every op equals a Python loop over the items,
+"""jax.vmap over stacks of SparseConvTensors: every op and a Linen model equal a loop over the items,
 gradients too, on both backends; the ffi backend folds the mapped axis into one native
 call instead of looping, and per-item overflow is reported per item."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_sparseconv as jsc
+from jax_sparseconv import linen as spnn
 from jax_sparseconv import testing as T
 from jax_sparseconv.functional import sparse_add
 
@@ -98,3 +100,16 @@ def test_per_item_kernels_and_overflow(backend, rng):
         np.testing.assert_array_equal(pooled.overflow[i], expected)
     with pytest.raises(jsc.CapacityOverflowError):
         jsc.check_overflow(pooled)
+
+
+def test_vmap_of_a_linen_model_equals_a_loop(backend, rng):
+    xs, stacked = _stack(rng, batch_size=1)
+    model = spnn.SparseSequential([
+        spnn.SubMConv3d(6, 3, indice_key="s", backend=backend), spnn.SparseBatchNorm(use_running_average=False), nn.relu,
+        spnn.SparseConv3d(8, 2, strides=2, indice_key="down", backend=backend),
+        spnn.SparseInverseConv3d(6, 2, indice_key="down", backend=backend), spnn.SparseGlobalMaxPool()])
+    variables = model.init(jax.random.key(0), xs[0])
+    apply = lambda x: model.apply(variables, x, mutable=["batch_stats"])[0]  # noqa: E731
+    batched = jax.jit(jax.vmap(apply))(stacked)
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(batched[i], jax.jit(apply)(x), rtol=1e-5, atol=1e-5)
