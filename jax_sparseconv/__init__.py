@@ -10,12 +10,13 @@ Quick tour::
 
 import importlib.metadata
 
-from jax_sparseconv import convert, functional
+from jax_sparseconv import convert, functional, voxels
 from jax_sparseconv._build import build_info
 from jax_sparseconv.functional import (global_avg_pool, global_max_pool, sparse_avg_pool, sparse_conv,
                                        sparse_max_pool)
 from jax_sparseconv.geometry import ConvGeometry, make_geometry
 from jax_sparseconv.rulebook import Rulebook
+from jax_sparseconv.voxels import Voxels, voxelize
 from jax_sparseconv.tensor import (CapacityOverflowError, SparseConvTensor, capacity_bucket, check_overflow,
                                    checkify_overflow, from_numpy)
 
@@ -27,5 +28,5 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 __all__ = [
     "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "build_info", "capacity_bucket",
     "check_overflow", "checkify_overflow", "convert", "from_numpy", "functional", "global_avg_pool", "global_max_pool", "make_geometry",
-    "sparse_avg_pool", "sparse_conv", "sparse_max_pool",
+    "sparse_avg_pool", "sparse_conv", "sparse_max_pool", "Voxels", "voxelize", "voxels",
 ]

@@ -1,0 +1,147 @@
+"""Points to voxels in JAX, jit-able with static capacities (spconv's ``PointToVoxel``).
+
+Voxels come out sorted by ``(z, y, x)``, the order of ``utils.voxelize`` (its numpy
+twin), so the result does not depend on the order of the points except for which points
+a voxel keeps when ``max_points_per_voxel`` caps it (the first ones, in input order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_sparseconv.tensor import SparseConvTensor, is_concrete, overflow_record, raise_if_overflow
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["coords", "features", "num_points", "point_to_voxel", "num_voxels",
+                                "num_invalid", "overflow"], meta_fields=["spatial_shape"])
+@dataclasses.dataclass(frozen=True)
+class Voxels:
+    """Voxelized points, padded to ``max_voxels`` rows (coords ``-1`` on padding rows).
+
+    Attributes:
+      coords: ``[max_voxels, 3]`` int32 ``(z, y, x)``.
+      features: ``[max_voxels, F]`` mean (or first) point features of each voxel.
+      num_points: ``[max_voxels]`` int32, points kept in each voxel.
+      point_to_voxel: ``[N]`` int32, the voxel row of each point, ``-1`` for points dropped
+        (outside the range, non-finite, beyond ``max_voxels`` or ``max_points_per_voxel``):
+        ``predictions[point_to_voxel]`` scatters voxel outputs back to the points.
+      num_voxels: int32, occupied voxels (may exceed ``max_voxels``: see ``overflow``).
+      num_invalid: int32, points dropped for a NaN or infinite value.
+      overflow: int32 ``[needed, max_voxels]`` if the voxels did not fit, else zeros.
+      spatial_shape: the grid as ``(z, y, x)``.
+    """
+
+    coords: jax.Array
+    features: jax.Array
+    num_points: jax.Array
+    point_to_voxel: jax.Array
+    num_voxels: jax.Array
+    num_invalid: jax.Array
+    overflow: jax.Array
+    spatial_shape: tuple[int, int, int]
+
+
+def grid_shape(voxel_size, coors_range) -> tuple[int, int, int]:
+    """``(z, y, x)`` voxel counts of ``coors_range = (xmin, ymin, zmin, xmax, ymax, zmax)``."""
+    size = np.broadcast_to(np.asarray(voxel_size, np.float64), (3,))
+    low, high = np.asarray(coors_range[:3], np.float64), np.asarray(coors_range[3:], np.float64)
+    grid = np.round((high - low) / size).astype(np.int64)
+    if (grid < 1).any():
+        raise ValueError(f"empty grid {tuple(grid)} for coors_range {tuple(coors_range)}, voxel_size {tuple(size)}")
+    return tuple(int(n) for n in grid[::-1])
+
+
+def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range: Sequence[float],
+             max_voxels: int, max_points_per_voxel: int | None = None, reduce: str = "mean") -> Voxels:
+    """Groups ``points [N, F]`` (x, y, z first) into the voxels of a regular grid.
+
+    Args:
+      voxel_size: one size, or ``(x, y, z)`` sizes.
+      coors_range: ``(xmin, ymin, zmin, xmax, ymax, zmax)``; the grid covers ``[min, max)``.
+      max_voxels: static row capacity. More occupied voxels raise ``CapacityOverflowError``
+        eagerly; under ``jit`` the ``overflow`` record reports them (``jsc.check_overflow``
+        reads it once the voxels are a tensor).
+      max_points_per_voxel: keep at most this many points per voxel (the first ones, in
+        input order); None keeps all.
+      reduce: ``"mean"`` of the kept points' features, or ``"first"`` point's features.
+    """
+    if reduce not in ("mean", "first"):
+        raise ValueError(f"reduce must be 'mean' or 'first', got {reduce!r}")
+    points = jnp.asarray(points)
+    if points.ndim != 2 or points.shape[1] < 3:
+        raise ValueError(f"points must be [N, F] with F >= 3 (x, y, z first), got shape {points.shape}")
+    shape = grid_shape(voxel_size, coors_range)
+    n = points.shape[0]
+    size = jnp.asarray(np.broadcast_to(np.asarray(voxel_size, np.float64), (3,)), points.dtype)
+    low = jnp.asarray(coors_range[:3], points.dtype)
+
+    finite = jnp.all(jnp.isfinite(points), axis=1)
+    cells = jnp.floor((jnp.where(finite[:, None], points[:, :3], 0) - low) / size)
+    zyx = cells[:, ::-1]
+    inside = finite & jnp.all((zyx >= 0) & (zyx < jnp.asarray(shape)), axis=1)
+    zyx = jnp.where(inside[:, None], zyx, 0).astype(jnp.int32)
+
+    # Sort points by voxel (stable: input order within a voxel); runs of one voxel.
+    sentinel = jnp.iinfo(jnp.int32).max
+    columns = (jnp.where(inside, zyx[:, 0], sentinel), zyx[:, 1], zyx[:, 2])
+    *columns, order = jax.lax.sort(columns + (jnp.arange(n, dtype=jnp.int32),), num_keys=3, is_stable=True)
+    valid = columns[0] != sentinel
+    starts = valid & jnp.concatenate([jnp.ones((min(n, 1),), bool),
+                                      jnp.any(jnp.stack([c[1:] != c[:-1] for c in columns]), axis=0)])
+    voxel = jnp.cumsum(starts, dtype=jnp.int32) - 1
+    position = jnp.arange(n, dtype=jnp.int32)
+    position = position - jax.lax.cummax(jnp.where(starts, position, 0))
+    kept = valid & (voxel < max_voxels)
+    if max_points_per_voxel is not None:
+        kept = kept & (position < max_points_per_voxel)
+    row = jnp.where(kept, voxel, max_voxels)  # max_voxels: out of range, dropped
+
+    num_points = jnp.zeros((max_voxels,), jnp.int32).at[row].add(1, mode="drop")
+    sorted_points = points[order]
+    if reduce == "mean":
+        acc = jnp.promote_types(points.dtype, jnp.float32)
+        sums = jnp.zeros((max_voxels, points.shape[1]), acc).at[row].add(
+            jnp.where(kept[:, None], sorted_points, 0).astype(acc), mode="drop")
+        features = (sums / jnp.maximum(num_points, 1)[:, None]).astype(points.dtype)
+    else:
+        features = jnp.zeros((max_voxels, points.shape[1]), points.dtype).at[
+            jnp.where(position == 0, row, max_voxels)].set(sorted_points, mode="drop")
+    coords = jnp.full((max_voxels, 3), -1, jnp.int32).at[jnp.where(starts, row, max_voxels)].set(
+        jnp.stack(columns, axis=1), mode="drop")
+    point_to_voxel = jnp.full((n,), -1, jnp.int32).at[order].set(jnp.where(kept, voxel, -1))
+    num_voxels = jnp.sum(starts, dtype=jnp.int32)
+    overflow = overflow_record(num_voxels, max_voxels)
+    if is_concrete(overflow):
+        raise_if_overflow(overflow, "voxelize (max_voxels)")
+    return Voxels(coords, features, num_points, point_to_voxel, num_voxels,
+                  jnp.sum(~finite, dtype=jnp.int32), overflow, shape)
+
+
+def to_tensor(voxels: Voxels | Sequence[Voxels], features: jax.Array | Sequence[jax.Array] | None = None
+              ) -> SparseConvTensor:
+    """One SparseConvTensor of several voxelized scans (batch item ``i`` = scan ``i``).
+
+    ``features`` replaces the voxels' own features (one ``[max_voxels, C]`` array per scan).
+    The rows of scan ``i`` follow those of scan ``i - 1``; overflow records carry over.
+    """
+    voxels = [voxels] if isinstance(voxels, Voxels) else list(voxels)
+    if features is None:
+        features = [v.features for v in voxels]
+    elif not isinstance(features, (list, tuple)):
+        features = [features]
+    shapes = {v.spatial_shape for v in voxels}
+    if len(shapes) != 1:
+        raise ValueError(f"scans voxelized on different grids: {sorted(shapes)}")
+    indices = jnp.concatenate([
+        jnp.concatenate([jnp.where(v.coords[:, :1] >= 0, i, -1), v.coords], axis=1) for i, v in enumerate(voxels)])
+    overflow = jnp.stack([v.overflow for v in voxels])
+    overflow = overflow[jnp.argmax(overflow[:, 0] > 0)]  # the first scan that overflowed, or zeros
+    return SparseConvTensor(jnp.concatenate(features), indices, shapes.pop(), len(voxels), overflow=overflow,
+                            validate=False)
