@@ -10,7 +10,7 @@ Quick tour::
 
 import importlib.metadata
 
-from jax_sparseconv import convert, functional, voxels
+from jax_sparseconv import convert, functional, pcd, utils, voxels
 from jax_sparseconv._build import build_info
 from jax_sparseconv.functional import (global_avg_pool, global_max_pool, sparse_avg_pool, sparse_conv,
                                        sparse_max_pool)
@@ -27,6 +27,6 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 
 __all__ = [
     "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "build_info", "capacity_bucket",
-    "check_overflow", "checkify_overflow", "convert", "from_numpy", "functional", "global_avg_pool", "global_max_pool", "make_geometry",
+    "check_overflow", "checkify_overflow", "convert", "from_numpy", "functional", "global_avg_pool", "pcd", "utils", "global_max_pool", "make_geometry",
     "sparse_avg_pool", "sparse_conv", "sparse_max_pool", "Voxels", "voxelize", "voxels",
 ]
