@@ -77,13 +77,11 @@ class Spconv:
 
     def __init__(self, x: jsc.SparseConvTensor):
         torch.set_num_threads(2)
-        active = np.asarray(x.active)
-        self.features = torch.from_numpy(np.asarray(x.features)[active].copy())
-        self.indices = torch.from_numpy(np.asarray(x.indices)[active].copy())
-        self.shape, self.batch = list(x.spatial_shape), x.batch_size
+        base = spconv_reference.to_spconv(x)
+        self.indices, self.shape, self.batch = base.indices, base.spatial_shape, base.batch_size
 
     def tensor(self, channels):
-        feats = torch.randn(self.features.shape[0], channels)
+        feats = torch.randn(self.indices.shape[0], channels)
         return spconv.SparseConvTensor(feats, self.indices, self.shape, self.batch)
 
     def rulebook(self):

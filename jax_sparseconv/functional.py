@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_sparseconv import backends
+from jax_sparseconv.backends import xla
 from jax_sparseconv.geometry import REGULAR, SUBM, TRANSPOSED, make_geometry, normalize_tuple
 from jax_sparseconv.rulebook import Rulebook, build_rulebook
 from jax_sparseconv.tensor import (SparseConvTensor, is_concrete, merge_overflow, overflow_record,
@@ -346,21 +347,13 @@ def _union_rows(tensors, out_capacity: int):
     Returns ``(out_indices [out_capacity, ndim + 1], rows [T, out_capacity], needed)``:
     ``rows[t, o]`` is the row of tensor ``t`` at output site ``o``, or -1.
     """
-    sentinel = jnp.iinfo(jnp.int32).max
     indices = jnp.concatenate([t.indices for t in tensors])
     owner = jnp.concatenate([jnp.full((t.capacity,), i, jnp.int32) for i, t in enumerate(tensors)])
     row = jnp.concatenate([jnp.arange(t.capacity, dtype=jnp.int32) for t in tensors])
-    batch = jnp.where(indices[:, 0] >= 0, indices[:, 0], sentinel)
-    columns = (batch,) + tuple(indices[:, d] for d in range(1, indices.shape[1]))
-    *columns, owner, row = jax.lax.sort(columns + (owner, row), num_keys=len(columns))
-    valid = columns[0] != sentinel
-    differs = jnp.any(jnp.stack([c[1:] != c[:-1] for c in columns]), axis=0)
-    first = valid & jnp.concatenate([jnp.ones((1,), bool), differs])
-    rank = jnp.cumsum(first, dtype=jnp.int32) - 1
+    sites, valid, (owner, row), first, rank = xla.sort_site_runs(indices, indices[:, 0] >= 0, owner, row)
     target = jnp.where(valid & (rank < out_capacity), rank, out_capacity)  # out of range: dropped
     out_indices = jnp.full((out_capacity, indices.shape[1]), -1, jnp.int32)
-    out_indices = out_indices.at[jnp.where(first, target, out_capacity)].set(
-        jnp.stack(columns, axis=1), mode="drop")
+    out_indices = out_indices.at[jnp.where(first, target, out_capacity)].set(sites, mode="drop")
     rows = jnp.full((len(tensors), out_capacity), -1, jnp.int32).at[owner, target].set(row, mode="drop")
     return out_indices, rows, jnp.sum(first, dtype=jnp.int32)
 

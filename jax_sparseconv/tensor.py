@@ -56,10 +56,8 @@ def check_overflow(tree: Any) -> None:
     a pytree; other leaves are ignored): under ``jit`` an overflow cannot raise inside
     the computation, so it travels as data (``tensor.overflow``) until this check.
     """
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, SparseConvTensor))
-    for leaf in leaves:
-        if isinstance(leaf, SparseConvTensor):
-            raise_if_overflow(jax.device_get(leaf.overflow), "a sparse op")
+    for leaf in _sparse_tensors(tree):
+        raise_if_overflow(jax.device_get(leaf.overflow), "a sparse op")
 
 
 def checkify_overflow(tree: Any) -> None:
@@ -72,12 +70,16 @@ def checkify_overflow(tree: Any) -> None:
     """
     from jax.experimental import checkify
 
+    for leaf in _sparse_tensors(tree):
+        needed, capacity = leaf.overflow[..., 0], leaf.overflow[..., 1]
+        checkify.debug_check(jnp.all(needed == 0), "a sparse op needed {needed} active rows but its capacity is "
+                             "{capacity}; pass a larger out_capacity", needed=jnp.max(needed), capacity=jnp.max(capacity))
+
+
+def _sparse_tensors(tree: Any) -> list:
+    """The SparseConvTensors in a pytree (other leaves are skipped)."""
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, SparseConvTensor))
-    for leaf in leaves:
-        if isinstance(leaf, SparseConvTensor):
-            needed, capacity = leaf.overflow[..., 0], leaf.overflow[..., 1]
-            checkify.debug_check(jnp.all(needed == 0), "a sparse op needed {needed} active rows but its capacity is "
-                           "{capacity}; pass a larger out_capacity", needed=jnp.max(needed), capacity=jnp.max(capacity))
+    return [leaf for leaf in leaves if isinstance(leaf, SparseConvTensor)]
 
 
 @jax.tree_util.register_pytree_node_class

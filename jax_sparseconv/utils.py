@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from jax_sparseconv.tensor import SparseConvTensor, from_numpy
+from jax_sparseconv.voxels import grid_shape
 
 KITTI_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)  # xmin, ymin, zmin, xmax, ymax, zmax (metres)
 
@@ -40,12 +41,10 @@ def voxelize(points: np.ndarray, voxel_size: float | Sequence[float],
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"points must be [N, F] with F >= 3 (x, y, z first), got shape {points.shape}")
+    shape_zyx = grid_shape(voxel_size, coors_range)
+    grid_xyz = np.asarray(shape_zyx[::-1])
     low = np.asarray(coors_range[:3], np.float64)
     size = np.broadcast_to(np.asarray(voxel_size, np.float64), (3,))
-    grid_xyz = np.round((np.asarray(coors_range[3:], np.float64) - low) / size).astype(np.int64)
-    if (grid_xyz < 1).any():
-        raise ValueError(f"empty grid {tuple(grid_xyz)} for coors_range {tuple(coors_range)}, "
-                         f"voxel_size {tuple(size)}")
 
     points = points[np.isfinite(points).all(axis=1)]
     cells = np.floor((points[:, :3].astype(np.float64) - low) / size).astype(np.int64)
@@ -53,7 +52,6 @@ def voxelize(points: np.ndarray, voxel_size: float | Sequence[float],
     points, cells = points[inside], cells[inside]
 
     zyx = cells[:, ::-1]
-    shape_zyx = tuple(int(n) for n in grid_xyz[::-1])
     keys = np.ravel_multi_index(tuple(zyx.T), shape_zyx)  # row-major over (z, y, x): sorts like the coords
     unique_keys, voxel_of_point, counts = np.unique(keys, return_inverse=True, return_counts=True)
     sums = np.zeros((len(unique_keys), points.shape[1]), np.float64)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sparseconv.tensor import SparseConvTensor, is_concrete, overflow_record, raise_if_overflow
+from jax_sparseconv.backends import xla
+from jax_sparseconv.tensor import SparseConvTensor, is_concrete, merge_overflow, overflow_record, raise_if_overflow
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -89,13 +90,8 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
     zyx = jnp.where(inside[:, None], zyx, 0).astype(jnp.int32)
 
     # Sort points by voxel (stable: input order within a voxel); runs of one voxel.
-    sentinel = jnp.iinfo(jnp.int32).max
-    columns = (jnp.where(inside, zyx[:, 0], sentinel), zyx[:, 1], zyx[:, 2])
-    *columns, order = jax.lax.sort(columns + (jnp.arange(n, dtype=jnp.int32),), num_keys=3, is_stable=True)
-    valid = columns[0] != sentinel
-    starts = valid & jnp.concatenate([jnp.ones((min(n, 1),), bool),
-                                      jnp.any(jnp.stack([c[1:] != c[:-1] for c in columns]), axis=0)])
-    voxel = jnp.cumsum(starts, dtype=jnp.int32) - 1
+    sorted_zyx, valid, (order,), starts, voxel = xla.sort_site_runs(zyx, inside, jnp.arange(n, dtype=jnp.int32),
+                                                                    stable=True)
     position = jnp.arange(n, dtype=jnp.int32)
     position = position - jax.lax.cummax(jnp.where(starts, position, 0))
     kept = valid & (voxel < max_voxels)
@@ -114,7 +110,7 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
         features = jnp.zeros((max_voxels, points.shape[1]), points.dtype).at[
             jnp.where(position == 0, row, max_voxels)].set(sorted_points, mode="drop")
     coords = jnp.full((max_voxels, 3), -1, jnp.int32).at[jnp.where(starts, row, max_voxels)].set(
-        jnp.stack(columns, axis=1), mode="drop")
+        sorted_zyx, mode="drop")
     point_to_voxel = jnp.full((n,), -1, jnp.int32).at[order].set(jnp.where(kept, voxel, -1))
     num_voxels = jnp.sum(starts, dtype=jnp.int32)
     overflow = overflow_record(num_voxels, max_voxels)
@@ -141,7 +137,6 @@ def to_tensor(voxels: Voxels | Sequence[Voxels], features: jax.Array | Sequence[
         raise ValueError(f"scans voxelized on different grids: {sorted(shapes)}")
     indices = jnp.concatenate([
         jnp.concatenate([jnp.where(v.coords[:, :1] >= 0, i, -1), v.coords], axis=1) for i, v in enumerate(voxels)])
-    overflow = jnp.stack([v.overflow for v in voxels])
-    overflow = overflow[jnp.argmax(overflow[:, 0] > 0)]  # the first scan that overflowed, or zeros
+    overflow = functools.reduce(merge_overflow, [v.overflow for v in voxels])  # the first scan's that overflowed
     return SparseConvTensor(jnp.concatenate(features), indices, shapes.pop(), len(voxels), overflow=overflow,
                             validate=False)

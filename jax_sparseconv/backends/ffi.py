@@ -54,16 +54,7 @@ def _shift(nbr: jax.Array, rows: int) -> jax.Array:
     return jnp.where(nbr >= 0, nbr + shift, -1)
 
 
-def _per_item(kernel, axis_size, in_batched, args):
-    """One call per mapped item (``lax.map``), for what cannot be folded."""
-    def one(batched):
-        it = iter(batched)
-        return kernel(*[next(it) if b else a for a, b in zip(args, in_batched)])
-    out = jax.lax.map(one, [a for a, b in zip(args, in_batched) if b])
-    return out, jax.tree_util.tree_map(lambda _: True, out)
-
-
-def _row_kernel(fn, num_gathered: int, foldable: bool = True):
+def _row_kernel(fn, num_gathered: int):
     """``fn(*gathered, *shared, nbr)``, whose outputs have one row per ``nbr`` row and read
     the ``gathered`` arrays at the rows ``nbr`` names, with a vmap rule that folds."""
     kernel = jax.custom_batching.custom_vmap(fn)
@@ -71,8 +62,9 @@ def _row_kernel(fn, num_gathered: int, foldable: bool = True):
     @kernel.def_vmap
     def rule(axis_size, in_batched, *args):
         gathered, shared, nbr = args[:num_gathered], args[num_gathered:-1], args[-1]
-        if not foldable or any(in_batched[num_gathered:-1]):
-            return _per_item(kernel, axis_size, in_batched, args)
+        if any(in_batched[num_gathered:-1]):  # per-item weights: the handler runs once per item
+            out = jax.vmap(fn, in_axes=[0 if b else None for b in in_batched])(*args)
+            return out, jax.tree_util.tree_map(lambda _: True, out)
         if not in_batched[-1]:
             nbr = jnp.broadcast_to(nbr, (axis_size, *nbr.shape))
         if any(in_batched[:num_gathered]):
@@ -176,7 +168,6 @@ def _gather_max_grad(g, argk, in_nbr):
 
 
 _gather_matmul_folding = _row_kernel(_gather_matmul, num_gathered=1)
-_gather_matmul_grad_per_item = _row_kernel(_gather_matmul_grad, num_gathered=2, foldable=False)
 _gather_sum_folding = _row_kernel(_gather_sum, num_gathered=1)
 _gather_max_folding = _row_kernel(_gather_max, num_gathered=1)
 _gather_max_grad_folding = _row_kernel(_gather_max_grad, num_gathered=2)
@@ -192,9 +183,13 @@ def gather_matmul(x, w, nbr, precision=None):
 
 
 def gather_matmul_grad(x, g, nbr, precision=None):
-    """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py); per item under vmap."""
+    """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py).
+
+    Under vmap it runs once per item (the sums must stay per item): the handler's own
+    "sequential" batching.
+    """
     del precision
-    return _gather_matmul_grad_per_item(x, g, nbr)
+    return _gather_matmul_grad(x, g, nbr)
 
 
 def gather_sum(x, nbr):

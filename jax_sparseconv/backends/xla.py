@@ -79,6 +79,24 @@ def _lookup(table: tuple, rows: jax.Array, queries: tuple) -> jax.Array:
     return jnp.where(found, rows[at], -1)
 
 
+def sort_site_runs(sites: jax.Array, valid: jax.Array, *payloads: jax.Array, stable: bool = False):
+    """Sorts ``sites [n, D]`` (int32) as tuples of columns and groups equal sites into runs.
+
+    Invalid sites sort last and belong to no run. Returns, in sorted order,
+    ``(sites, valid, payloads, first, rank)``: ``first`` marks the first row of each run,
+    ``rank`` numbers the runs 0, 1, ... (for every row, that of the last run begun). The
+    rulebook builder, ``sparse_add``'s union and ``voxelize`` all group sites this way.
+    """
+    num_keys = sites.shape[1]
+    *columns, = lax.sort(_columns(sites, valid) + payloads, num_keys=num_keys, is_stable=stable)
+    columns, payloads = columns[:num_keys], tuple(columns[num_keys:])
+    valid = columns[0] != _SENTINEL
+    differs = jnp.any(jnp.stack([c[1:] != c[:-1] for c in columns]), axis=0)
+    first = valid & jnp.concatenate([jnp.ones((min(sites.shape[0], 1),), bool), differs])
+    rank = jnp.cumsum(first, dtype=jnp.int32) - 1
+    return jnp.stack(columns, axis=1), valid, payloads, first, rank
+
+
 # Each entry point is jitted so that eager calls (a Flax ``init``, a notebook) run as one
 # compiled computation instead of op by op; inside an outer ``jit`` this changes nothing.
 
@@ -98,18 +116,14 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
     # Sort every (input, offset) pair by the site it reaches; runs of equal sites are
     # one output row each, numbered in sorted order.
     flat_sites, flat_valid = sites.reshape(n * K, geometry.ndim + 1), valid.reshape(n * K)
-    *cols, pair = lax.sort(_columns(flat_sites, flat_valid) + (jnp.arange(n * K, dtype=jnp.int32),),
-                           num_keys=geometry.ndim + 1)
-    is_valid = cols[0] != _SENTINEL
-    differs = jnp.any(jnp.stack([c[1:] != c[:-1] for c in cols]), axis=0)
-    first = is_valid & jnp.concatenate([jnp.ones((1,), bool), differs])
-    rank = jnp.cumsum(first, dtype=jnp.int32) - 1
+    sorted_sites, is_valid, (pair,), first, rank = sort_site_runs(flat_sites, flat_valid,
+                                                                  jnp.arange(n * K, dtype=jnp.int32))
     needed = jnp.sum(first, dtype=jnp.int32)
     stored = is_valid & (rank < out_capacity)
     drop = jnp.where(stored, rank, out_capacity)  # out of range: dropped by the scatters
 
     out_indices = jnp.full((out_capacity, geometry.ndim + 1), -1, jnp.int32)
-    out_indices = out_indices.at[jnp.where(first, drop, out_capacity)].set(jnp.stack(cols, axis=1), mode="drop")
+    out_indices = out_indices.at[jnp.where(first, drop, out_capacity)].set(sorted_sites, mode="drop")
     out_nbr = jnp.full((out_capacity, K), -1, jnp.int32).at[drop, pair % K].set(pair // K, mode="drop")
     in_nbr = jnp.full((n * K,), -1, jnp.int32).at[pair].set(jnp.where(stored, rank, -1), unique_indices=True)
     return out_indices, out_nbr, in_nbr.reshape(n, K), needed
