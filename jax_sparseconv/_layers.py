@@ -67,8 +67,8 @@ def flat_kernel_init(kernel_init: Callable) -> Callable:
     """``kernel_init`` drawn on the shape ``(kernel volume, C_in, C_out)``, then reshaped.
 
     Flax's variance-scaling initializers see the same fan-in and fan-out either way,
-    but XLA on CPU compiles a random draw of a rank-5 shape about 7x slower than of a
-    rank-3 one (about 2 s per kernel shape), which made a small U-Net's ``init`` take 20 s.
+    but XLA on CPU compiles random draws of rank-5 shapes much more slowly than of
+    rank-3 ones (seconds per kernel shape here, which dominated a small U-Net's ``init``).
     """
     def init(key, shape, dtype=jnp.float32):
         return kernel_init(key, (math.prod(shape[:-2]), *shape[-2:]), dtype).reshape(shape)
