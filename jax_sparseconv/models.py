@@ -7,12 +7,15 @@
   checkpoints load with ``jsc.convert.from_spconv``; ``bev_features`` flattens its output
   to a bird's-eye-view map.
 
-Batch norms use spconv's usual settings (epsilon 1e-3, PyTorch momentum 0.01 = Flax 0.99).
+Batch norms use spconv's usual settings (epsilon 1e-3, PyTorch momentum 0.01 = Flax
+``bn_momentum=0.99``); a short training run may want a lower ``bn_momentum`` (say 0.9) so
+that the running averages used by ``train=False`` catch up with the weights.
 Call with ``train=True`` to use and update batch statistics (``mutable=["batch_stats"]``).
 
 Every model also takes the options it hands to all of its layers: ``backend``, ``dtype``
 (computation, e.g. ``jnp.bfloat16`` with float32 accumulation in the convs),
-``param_dtype``, and ``axis_name`` for batch statistics across devices (``shard_map``).
+``param_dtype``, ``axis_name`` for batch statistics across devices (``shard_map``) and
+``bn_momentum``.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ def _conv(model, cls, *args, **kwargs):
 
 
 def _batch_norm(model, **kwargs):
-    return spnn.SparseBatchNorm(epsilon=1e-3, momentum=0.99, dtype=model.dtype, param_dtype=model.param_dtype,
-                                axis_name=model.axis_name, **kwargs)
+    return spnn.SparseBatchNorm(epsilon=1e-3, momentum=model.bn_momentum, dtype=model.dtype,
+                                param_dtype=model.param_dtype, axis_name=model.axis_name, **kwargs)
 
 
 def _dense(model, features, **kwargs):
@@ -45,7 +48,8 @@ def _dense(model, features, **kwargs):
 
 
 def _options(model) -> dict:
-    return dict(backend=model.backend, dtype=model.dtype, param_dtype=model.param_dtype, axis_name=model.axis_name)
+    return dict(backend=model.backend, dtype=model.dtype, param_dtype=model.param_dtype, axis_name=model.axis_name,
+                bn_momentum=model.bn_momentum)
 
 
 class ResidualBlock(nn.Module):
@@ -60,6 +64,7 @@ class ResidualBlock(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
+    bn_momentum: float = 0.99
 
     @nn.compact
     def __call__(self, x: SparseConvTensor, train: bool) -> SparseConvTensor:
@@ -102,6 +107,7 @@ class MinkUNet(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
+    bn_momentum: float = 0.99
 
     @nn.compact
     def __call__(self, x: SparseConvTensor, train: bool = False) -> SparseConvTensor:
@@ -163,6 +169,7 @@ class VoxelBackBone8x(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     axis_name: str | None = None
+    bn_momentum: float = 0.99
 
     def setup(self):
         c0, c1, c2, c3, c4 = self.features

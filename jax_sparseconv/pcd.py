@@ -45,25 +45,38 @@ def lzf_decompress(data: bytes, size: int) -> bytes:
     return bytes(out)
 
 
+def _read_header(f, path) -> dict[str, list[str]]:
+    header = {}
+    while True:
+        line = f.readline()
+        if not line:
+            raise ValueError(f"{path}: no DATA line in the PCD header")
+        text = line.decode("ascii", "replace").strip()
+        if not text or text.startswith("#"):
+            continue
+        key, _, value = text.partition(" ")
+        header[key.upper()] = value.split()
+        if key.upper() == "DATA":
+            return header
+
+
+def read_pcd_header(path: str | os.PathLike) -> dict[str, list[str]]:
+    """The header of a PCD file: ``{"FIELDS": ["x", "y", ...], "WIDTH": ["640"], "HEIGHT":
+    ["480"], "DATA": ["binary_compressed"], ...}`` (keys upper-case, values as strings).
+    An organized cloud has ``HEIGHT > 1``: its points are ``HEIGHT`` rows of ``WIDTH``."""
+    with open(path, "rb") as f:
+        return _read_header(f, path)
+
+
 def read_pcd(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The fields of a PCD file as ``{name: [points] or [points, count] array}``.
 
-    Organized clouds (``HEIGHT > 1``) come flattened; invalid points keep their NaNs.
-    ``rgb`` stays the packed float32 of PCL: ``unpack_rgb`` turns it into ``[N, 3]`` uint8.
+    Organized clouds (``HEIGHT > 1``, see ``read_pcd_header``) come flattened row by row;
+    invalid points keep their NaNs. ``rgb`` stays the packed float32 of PCL:
+    ``unpack_rgb`` turns it into ``[N, 3]`` uint8.
     """
     with open(path, "rb") as f:
-        header = {}
-        while True:
-            line = f.readline()
-            if not line:
-                raise ValueError(f"{path}: no DATA line in the PCD header")
-            text = line.decode("ascii", "replace").strip()
-            if not text or text.startswith("#"):
-                continue
-            key, _, value = text.partition(" ")
-            header[key.upper()] = value.split()
-            if key.upper() == "DATA":
-                break
+        header = _read_header(f, path)
         body = f.read()
     names = header["FIELDS"]
     sizes = [int(s) for s in header["SIZE"]]

@@ -1,7 +1,9 @@
-"""Numpy helpers for real point clouds: load KITTI scans, voxelize, batch into a tensor.
+"""Numpy helpers for real point clouds: load KITTI scans and boxes, voxelize, batch into
+a tensor.
 
-Everything here runs on the host with numpy (no JAX tracing); the result of
-``kitti_tensor`` is a padded ``SparseConvTensor`` ready for a jitted network.
+These run on the host with numpy (no JAX tracing; ``position_features`` takes either); the
+result of ``kitti_tensor`` is a padded ``SparseConvTensor`` ready for a jitted network.
+``jsc.voxelize`` is the jit-able voxelizer.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from jax_sparseconv.tensor import SparseConvTensor, from_numpy
@@ -20,6 +23,59 @@ KITTI_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)  # xmin, ymin, zmin, xmax, yma
 def load_kitti_points(path: str | os.PathLike) -> np.ndarray:
     """A KITTI Velodyne ``.bin`` scan as float32 ``[N, 4]``: x, y, z, reflectance."""
     return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+
+
+def read_kitti_calib(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A KITTI ``calib.txt`` as float64 arrays by key (``"R0_rect"`` ``[3, 3]``,
+    ``"Tr_velo_to_cam"`` ``[3, 4]``, ``"P2"`` ``[3, 4]``, ...)."""
+    calib = {}
+    for line in open(path).read().splitlines():
+        if ":" not in line:
+            continue
+        key, values = line.split(":", 1)
+        values = np.array(values.split(), np.float64)
+        calib[key.strip()] = values.reshape(3, 3) if values.size == 9 else values.reshape(3, 4)
+    return calib
+
+
+def load_kitti_boxes(label_path: str | os.PathLike, calib_path: str | os.PathLike
+                     ) -> tuple[list[str], np.ndarray]:
+    """The 3D boxes of a KITTI ``label_2`` file in the LiDAR frame (OpenPCDet's convention).
+
+    Returns ``(names, boxes)``: the object types (``"Car"``, ``"Pedestrian"``, ...; the
+    ``DontCare`` regions left out) and float64 ``[M, 7]`` boxes ``(x, y, z, l, w, h, yaw)``:
+    the box centre in metres, its length along the heading, width, height, and the heading
+    angle around the LiDAR z axis (0 = along x).
+    """
+    names, rows = [], []
+    for line in open(label_path).read().splitlines():
+        fields = line.split()
+        if fields and fields[0] != "DontCare":
+            names.append(fields[0])
+            rows.append([float(v) for v in fields[8:15]])  # h, w, l, x, y, z (camera), ry
+    rows = np.asarray(rows, np.float64).reshape(-1, 7)
+    h, w, l, ry = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 6]
+    bottom_centre = rows[:, 3:6]
+    centre_rect = bottom_centre - np.stack([np.zeros_like(h), h / 2, np.zeros_like(h)], axis=1)  # camera y points down
+    calib = read_kitti_calib(calib_path)
+    velo_to_rect = np.eye(4)
+    velo_to_rect[:3, :3] = calib["R0_rect"]
+    velo_to_cam = np.eye(4)
+    velo_to_cam[:3] = calib["Tr_velo_to_cam"]
+    velo_to_rect = velo_to_rect @ velo_to_cam
+    centre = np.linalg.solve(velo_to_rect, np.concatenate([centre_rect, np.ones((len(h), 1))], axis=1).T).T[:, :3]
+    return names, np.concatenate([centre, np.stack([l, w, h, -ry - np.pi / 2], axis=1)], axis=1)
+
+
+def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """bool ``[M, N]``: which of ``points [N, >=3]`` lie inside each of ``boxes [M, 7]``
+    (``(x, y, z, l, w, h, yaw)`` as ``load_kitti_boxes`` gives them)."""
+    offset = points[None, :, :3] - boxes[:, None, :3]
+    cos, sin = np.cos(boxes[:, 6, None]), np.sin(boxes[:, 6, None])
+    along = offset[..., 0] * cos + offset[..., 1] * sin
+    across = -offset[..., 0] * sin + offset[..., 1] * cos
+    return ((np.abs(along) <= boxes[:, 3, None] / 2) & (np.abs(across) <= boxes[:, 4, None] / 2)
+            & (np.abs(offset[..., 2]) <= boxes[:, 5, None] / 2))
 
 
 def voxelize(points: np.ndarray, voxel_size: float | Sequence[float],
@@ -43,11 +99,12 @@ def voxelize(points: np.ndarray, voxel_size: float | Sequence[float],
         raise ValueError(f"points must be [N, F] with F >= 3 (x, y, z first), got shape {points.shape}")
     shape_zyx = grid_shape(voxel_size, coors_range)
     grid_xyz = np.asarray(shape_zyx[::-1])
-    low = np.asarray(coors_range[:3], np.float64)
-    size = np.broadcast_to(np.asarray(voxel_size, np.float64), (3,))
+    dtype = np.result_type(points.dtype, np.float32)  # spconv's arithmetic: float32 for float32 points
+    low = np.asarray(coors_range[:3], dtype)
+    size = np.broadcast_to(np.asarray(voxel_size, np.float64).astype(dtype), (3,))
 
     points = points[np.isfinite(points).all(axis=1)]
-    cells = np.floor((points[:, :3].astype(np.float64) - low) / size).astype(np.int64)
+    cells = np.floor((points[:, :3].astype(dtype) - low) / size).astype(np.int64)
     inside = ((cells >= 0) & (cells < grid_xyz)).all(axis=1)
     points, cells = points[inside], cells[inside]
 
@@ -76,6 +133,17 @@ def voxelize_labels(points: np.ndarray, labels: np.ndarray, num_classes: int,
     coords, features, shape = voxelize(np.concatenate([np.asarray(points, np.float32), one_hot], axis=1),
                                        voxel_size, coors_range)
     return coords, features[:, :-num_classes], features[:, -num_classes:].argmax(axis=1).astype(np.int32), shape
+
+
+def position_features(xyz, centre, scale: float = 10.0):
+    """Network inputs from voxel positions: ``(xyz - centre) / scale`` and a constant 1,
+    float32 ``[M, 4]`` (numpy in, numpy out; JAX in, JAX out). The segmentation examples
+    and tests feed these to a ``MinkUNet``: centred, metre-scale coordinates keep the first
+    layer's inputs near unit size, and the constant channel lets it see occupancy alone."""
+    xp = np if isinstance(xyz, np.ndarray) else jnp
+    xyz = xp.asarray(xyz, xp.float32)
+    centre = xp.asarray(centre, xp.float32)
+    return xp.concatenate([(xyz - centre) / scale, xp.ones((xyz.shape[0], 1), xp.float32)], axis=1)
 
 
 def kitti_tensor(paths_or_points, voxel_size: float | Sequence[float] = 0.05,

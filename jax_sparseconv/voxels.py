@@ -84,6 +84,10 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
     low = jnp.asarray(coors_range[:3], points.dtype)
 
     finite = jnp.all(jnp.isfinite(points), axis=1)
+    # Divide as spconv does, in the points' dtype. The barrier keeps XLA from turning the
+    # division by a broadcast into a multiplication by its reciprocal, which rounds
+    # differently and moves points that lie on a voxel boundary.
+    size = jax.lax.optimization_barrier(jnp.broadcast_to(size, (n, 3)))
     cells = jnp.floor((jnp.where(finite[:, None], points[:, :3], 0) - low) / size)
     zyx = cells[:, ::-1]
     inside = finite & jnp.all((zyx >= 0) & (zyx < jnp.asarray(shape)), axis=1)
@@ -120,11 +124,30 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
                   jnp.sum(~finite, dtype=jnp.int32), overflow, shape)
 
 
-def to_tensor(voxels: Voxels | Sequence[Voxels], features: jax.Array | Sequence[jax.Array] | None = None
-              ) -> SparseConvTensor:
+def majority_labels(voxels: Voxels, point_labels: jax.Array, num_classes: int) -> jax.Array:
+    """The most frequent label of each voxel's points, int32 ``[max_voxels]`` (``-1`` on
+    padding rows; ties go to the smaller label, as in ``utils.voxelize_labels``).
+
+    ``point_labels`` are ints in ``[0, num_classes)``, one per point given to ``voxelize``;
+    only the points a voxel kept count.
+    """
+    point_labels = jnp.asarray(point_labels).reshape(-1)
+    if point_labels.shape[0] != voxels.point_to_voxel.shape[0]:
+        raise ValueError(f"need one label per point: {point_labels.shape[0]} labels for "
+                         f"{voxels.point_to_voxel.shape[0]} points")
+    max_voxels = voxels.num_points.shape[0]
+    row = jnp.where(voxels.point_to_voxel >= 0, voxels.point_to_voxel, max_voxels)  # dropped points: no row
+    votes = jnp.zeros((max_voxels, num_classes), jnp.int32).at[row, point_labels].add(1, mode="drop")
+    return jnp.where(voxels.num_points > 0, jnp.argmax(votes, axis=1).astype(jnp.int32), -1)
+
+
+def to_tensor(voxels: Voxels | Sequence[Voxels], features: jax.Array | Sequence[jax.Array] | None = None,
+              spatial_shape: Sequence[int] | None = None) -> SparseConvTensor:
     """One SparseConvTensor of several voxelized scans (batch item ``i`` = scan ``i``).
 
     ``features`` replaces the voxels' own features (one ``[max_voxels, C]`` array per scan).
+    ``spatial_shape`` places the voxels in a larger grid than their own (OpenPCDet's
+    backbones take KITTI's ``(40, 1600, 1408)`` voxel grid as ``(41, 1600, 1408)``).
     The rows of scan ``i`` follow those of scan ``i - 1``; overflow records carry over.
     """
     voxels = [voxels] if isinstance(voxels, Voxels) else list(voxels)
@@ -135,8 +158,13 @@ def to_tensor(voxels: Voxels | Sequence[Voxels], features: jax.Array | Sequence[
     shapes = {v.spatial_shape for v in voxels}
     if len(shapes) != 1:
         raise ValueError(f"scans voxelized on different grids: {sorted(shapes)}")
+    grid = shapes.pop()
+    if spatial_shape is None:
+        spatial_shape = grid
+    elif len(spatial_shape) != 3 or any(s < g for s, g in zip(spatial_shape, grid)):
+        raise ValueError(f"spatial_shape {tuple(spatial_shape)} does not hold the voxel grid {grid}")
     indices = jnp.concatenate([
         jnp.concatenate([jnp.where(v.coords[:, :1] >= 0, i, -1), v.coords], axis=1) for i, v in enumerate(voxels)])
     overflow = functools.reduce(merge_overflow, [v.overflow for v in voxels])  # the first scan's that overflowed
-    return SparseConvTensor(jnp.concatenate(features), indices, shapes.pop(), len(voxels), overflow=overflow,
+    return SparseConvTensor(jnp.concatenate(features), indices, tuple(spatial_shape), len(voxels), overflow=overflow,
                             validate=False)

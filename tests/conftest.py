@@ -1,7 +1,9 @@
 """Shared fixtures: fresh random seeds (printed on failure), the two backends, and a
 labeled real scan with a small U-Net for the model and training tests."""
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -41,6 +43,7 @@ def backend(request):
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NUM_CLASSES = 20  # SemanticKITTI learning ids, 0 = unlabeled (ignored by the losses)
 
 
@@ -88,3 +91,15 @@ def tiny_unet():
                      blocks_per_stage=1, out_capacities=(1.0, 1.0, 1.0))
         return models.MinkUNet(NUM_CLASSES, backend=backend, **{**sizes, **overrides})
     return make
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """``load(name)``: the module ``examples/<name>.py``, imported (its ``main`` not run)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+        return module
+    return load

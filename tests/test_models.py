@@ -4,6 +4,7 @@ labeled scan, one compilation per capacity, and checkpoint round trips."""
 
 import flax.linen as nn
 import flax.serialization
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +164,20 @@ def test_checkpoints_round_trip(tmp_path, labeled_scan, tiny_unet):
         checkpointer.wait_until_finished()
         restored = checkpointer.restore(tmp_path / "ckpt", empty)
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored, variables)
+
+
+@pytest.mark.parametrize("make", ["unet", "backbone"])
+def test_bn_momentum_reaches_every_batch_norm(make, labeled_scan, tiny_unet):
+    """Running averages after one training call: with momentum m they are m * initial +
+    (1 - m) * batch statistics, so m = 0.9 and m = 0 determine each other."""
+    x, _ = labeled_scan(voxel_size=(0.4, 0.4, 0.2))
+    build = (lambda m: tiny_unet(bn_momentum=m)) if make == "unet" else \
+        (lambda m: models.VoxelBackBone8x(features=(4, 4, 4, 4, 4), bn_momentum=m))
+    variables = jax.jit(build(0.9).init)(jax.random.key(0), x)
+    stats = {m: build(m).apply(variables, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+             for m in (0.9, 0.0)}
+    flat = {m: flax.traverse_util.flatten_dict(s) for m, s in stats.items()}
+    assert len(flat[0.9]) > 4
+    for path, new in flat[0.9].items():
+        initial = 1.0 if path[-1] == "var" else 0.0
+        np.testing.assert_allclose(new, 0.9 * initial + 0.1 * flat[0.0][path], rtol=1e-5, atol=1e-6)

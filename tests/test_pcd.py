@@ -37,7 +37,9 @@ def test_read_small_pcd(kind, tmp_path):
 
 
 def test_real_files(shared_data):
-    fields = pcd.read_pcd(shared_data("pcl/office1.pcd"))  # binary_compressed, 640 x 480
+    header = pcd.read_pcd_header(shared_data("pcl/office1.pcd"))
+    assert (header["WIDTH"], header["HEIGHT"], header["DATA"]) == (["640"], ["480"], ["binary_compressed"])
+    fields = pcd.read_pcd(shared_data("pcl/office1.pcd"))
     xyz = np.stack([fields["x"], fields["y"], fields["z"]], 1)
     assert xyz.shape == (307200, 3)
     assert int(np.isfinite(xyz).all(axis=1).sum()) == 254456  # as ../shared/data/README.md says

@@ -154,3 +154,21 @@ def test_converter_names_what_does_not_match(scan):
     del state_dict["net.1.running_mean"]
     with pytest.raises(ValueError, match="batch_stats/net/layers_1/mean has no PyTorch tensor"):
         jsc.convert.from_spconv(state_dict, variables)
+
+
+def test_detection_example_loads_an_openpcdet_checkpoint(scan, tmp_path, load_example):
+    """An OpenPCDet-style checkpoint (``model_state`` with ``backbone_3d.*`` among other heads'
+    tensors) saved by torch loads into the example's VoxelBackBone8x as from_spconv does."""
+    detection = load_example("detection_backbone")
+    torch_model = _randomize(spconv_reference.voxel_backbone_8x(scan.num_channels), seed=5)
+    state = {f"backbone_3d.{key}": value for key, value in torch_model.state_dict().items()}
+    state["dense_head.conv_cls.weight"] = torch.zeros(18, 512, 1, 1)
+    torch.save({"model_state": state, "epoch": 80}, tmp_path / "checkpoint.pth")
+    variables = jax.jit(models.VoxelBackBone8x().init)(jax.random.key(0), scan)
+    loaded = detection.load_backbone_checkpoint(tmp_path / "checkpoint.pth", variables)
+    expected = jsc.convert.from_spconv(torch_model.state_dict(), variables)
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="backbone_3d"):
+        torch.save({"model_state": {"vfe.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+        detection.load_backbone_checkpoint(tmp_path / "other.pth", variables)

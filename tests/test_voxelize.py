@@ -31,7 +31,8 @@ def test_mean_voxels_match_numpy(voxel_size, rng):
     # Every kept point lies in its voxel; dropped points are the invalid and outside ones.
     p2v = np.asarray(v.point_to_voxel)
     finite = np.isfinite(points).all(axis=1)
-    cells = np.floor((points[:, :3] - np.asarray(RANGE[:3])) / np.broadcast_to(voxel_size, 3))[:, ::-1]
+    size = np.broadcast_to(np.float32(voxel_size), 3)
+    cells = np.floor((points[:, :3] - np.float32(RANGE[:3])) / size)[:, ::-1]  # float32, as spconv
     inside = finite & np.all((cells >= 0) & (cells < np.asarray(shape)), axis=1)
     np.testing.assert_array_equal(p2v >= 0, inside)
     np.testing.assert_array_equal(np.asarray(v.coords)[p2v[inside]], cells[inside].astype(np.int32))
@@ -78,3 +79,37 @@ def test_batching_scans_into_one_tensor(rng):
         np.testing.assert_allclose(np.asarray(x.features)[rows], features, rtol=1e-5, atol=1e-6)
     y = jsc.sparse_conv(x, jnp.ones((3, 3, 3, 4, 2)), subm=True)  # a valid tensor for the ops
     assert y.features.shape == (1536, 2)
+
+
+def test_real_scan_voxels_match_numpy_on_voxel_boundaries(shared_data):
+    """KITTI points at 0.05 x 0.05 x 0.1 m: many lie within one float32 rounding of a voxel
+    boundary, where dividing by the voxel size and multiplying by its reciprocal disagree."""
+    points = utils.load_kitti_points(shared_data("kitti/000000.bin"))
+    size = (0.05, 0.05, 0.1)
+    coords, features, _ = utils.voxelize(points, size, utils.KITTI_RANGE)
+    v = jax.jit(V.voxelize, static_argnums=(1, 2, 3))(points, size, utils.KITTI_RANGE, 45_000)
+    assert int(v.num_voxels) == len(coords)
+    np.testing.assert_array_equal(v.coords[:len(coords)], coords)
+    np.testing.assert_allclose(v.features[:len(coords)], features, rtol=1e-5, atol=1e-5)
+
+
+def test_majority_labels_match_numpy(rng):
+    points = _points(rng, nan=10, outside=10)
+    labels = rng.integers(0, 5, len(points)).astype(np.int32)
+    finite = np.isfinite(points).all(axis=1)
+    coords, _, voxel_labels, _ = utils.voxelize_labels(points[finite], labels[finite], 5, 0.5, RANGE)
+    v = V.voxelize(points, 0.5, RANGE, len(coords) + 7)
+    majority = np.asarray(jax.jit(V.majority_labels, static_argnums=2)(v, labels, 5))
+    np.testing.assert_array_equal(majority[:len(coords)], voxel_labels)
+    assert np.all(majority[len(coords):] == -1)
+    with pytest.raises(ValueError, match="one label per point"):
+        V.majority_labels(v, labels[1:], 5)
+
+
+def test_to_tensor_in_a_larger_grid(rng):
+    v = V.voxelize(_points(rng), 0.5, RANGE, 800)  # grid (4, 12, 16)
+    x = V.to_tensor(v, spatial_shape=(5, 12, 16))
+    assert x.spatial_shape == (5, 12, 16)
+    np.testing.assert_array_equal(x.indices[:, 1:], v.coords)
+    with pytest.raises(ValueError, match="does not hold the voxel grid"):
+        V.to_tensor(v, spatial_shape=(4, 11, 16))
