@@ -48,14 +48,18 @@ class ConvGeometry:
 
     @property
     def ndim(self) -> int:
+        """Spatial dimensions (1 to 4)."""
         return len(self.in_shape)
 
     @property
     def kernel_volume(self) -> int:
+        """Kernel offsets ``K = prod(kernel_size)``, the rulebook's columns."""
         return math.prod(self.kernel_size)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        """The output grid: ``in_shape`` for subm, else as ``jax.lax.conv_general_dilated``
+        (regular) or its transpose (transposed)."""
         shape = []
         for n, k, s, p, d in zip(self.in_shape, self.kernel_size, self.strides, self.padding, self.dilation):
             if self.mode == SUBM:

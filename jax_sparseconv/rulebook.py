@@ -54,10 +54,12 @@ class Rulebook:
 
     @property
     def out_capacity(self) -> int:
+        """Rows of the output tensor."""
         return self.out_nbr.shape[-2]
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        """The output grid (the input grid of the geometry when inverted)."""
         return self.geometry.in_shape if self.inverted else self.geometry.out_shape
 
     def inverse(self) -> "Rulebook":

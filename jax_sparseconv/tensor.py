@@ -127,14 +127,17 @@ class SparseConvTensor:
     # ---- properties -------------------------------------------------------------
     @property
     def capacity(self) -> int:
+        """Rows, active and padding (static)."""
         return self.indices.shape[-2]
 
     @property
     def ndim(self) -> int:
+        """Spatial dimensions, ``len(spatial_shape)``."""
         return len(self.spatial_shape)
 
     @property
     def num_channels(self) -> int:
+        """Feature channels ``C``."""
         return self.features.shape[-1]
 
     @property

@@ -129,4 +129,5 @@ def site_set(indices) -> set[tuple[int, ...]]:
 
 
 def dense_site_set(mask) -> set[tuple[int, ...]]:
+    """The active sites of a dense ``[B, *spatial]`` bool mask, as index tuples."""
     return {tuple(int(v) for v in row) for row in np.argwhere(np.asarray(mask))}

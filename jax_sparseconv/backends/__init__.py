@@ -32,4 +32,5 @@ def resolve(backend: str | None) -> str:
 
 
 def get(name: str) -> types.ModuleType:
+    """The backend module ``"xla"`` or ``"ffi"`` (``jax_sparseconv.backends.xla`` / ``.ffi``)."""
     return BACKENDS[name]
