@@ -68,9 +68,7 @@ def load_scans(count: int, voxel_size: float):
         x0, y0 = -25.0 + 5.0 * (i % 4), -115.0 + 5.0 * (i // 4)
         crop = (x0, y0, -4.0, x0 + 30.0, y0 + 30.0, 4.0)
         coords, features, voxel_labels, shape = utils.voxelize_labels(points, labels, NUM_CLASSES, voxel_size, crop)
-        centre = np.asarray([x0 + 15.0, y0 + 15.0, 0.0])
-        inputs = np.concatenate([(features - centre) / 10, np.ones((len(coords), 1))], axis=1).astype(np.float32)
-        scans.append((coords, inputs, voxel_labels))
+        scans.append((coords, utils.position_features(features, (x0 + 15.0, y0 + 15.0, 0.0)), voxel_labels))
     return scans, shape
 
 

@@ -64,7 +64,7 @@ def shared_data():
 @pytest.fixture
 def labeled_scan(shared_data):
     """``load(crop, voxel_size, capacity) -> (x, labels)``: a voxelized crop of the labeled
-    SemanticKITTI scan, features ``(x, y, z relative to the crop centre / 10, 1)``, and the
+    SemanticKITTI scan, features ``utils.position_features`` around the crop centre, and the
     majority label of each voxel (``-1`` on padding rows)."""
     points_file = shared_data("semantickitti/o3dml_000700_points.npy")
     labels_file = shared_data("semantickitti/o3dml_000700_labels.npy")
@@ -72,10 +72,9 @@ def labeled_scan(shared_data):
 
     def load(crop=(-20.0, -110.0, -4.0, 20.0, -70.0, 4.0), voxel_size=0.4, capacity=None):
         coords, features, labels, shape = utils.voxelize_labels(points, point_labels, NUM_CLASSES, voxel_size, crop)
-        centre = (np.asarray(crop[:3]) + np.asarray(crop[3:])) / 2
-        inputs = np.concatenate([(features - centre) / 10, np.ones((len(coords), 1), np.float32)], axis=1)
+        inputs = utils.position_features(features, (np.asarray(crop[:3]) + np.asarray(crop[3:])) / 2)
         indices = np.concatenate([np.zeros((len(coords), 1), np.int32), coords], axis=1)
-        x = jsc.from_numpy(inputs.astype(np.float32), indices, shape, 1, capacity)
+        x = jsc.from_numpy(inputs, indices, shape, 1, capacity)
         voxel_labels = np.full(x.capacity, -1, np.int32)
         voxel_labels[:len(coords)] = labels
         return x, jnp.asarray(voxel_labels)
