@@ -98,14 +98,27 @@ def conv(mode: str, x: SparseConvTensor, kernel, bias, *, strides, padding, kern
 POOLS = {"max": functional.sparse_max_pool, "avg": functional.sparse_avg_pool}
 
 
-def pool(kind: str, x: SparseConvTensor, *, kernel_size, strides, padding, kernel_dilation, indice_key,
-         out_capacity, backend) -> SparseConvTensor:
-    kernel_size = normalize_tuple(kernel_size, x.ndim, "kernel_size")
-    return POOLS[kind](x, kernel_size, strides, padding, kernel_dilation, indice_key=indice_key,
-                       out_capacity=out_capacity, backend=backend)
+def pool_call(layer: Any, x: SparseConvTensor) -> SparseConvTensor:
+    """``__call__`` of the Linen and NNX window pools: the layer's fields are the arguments."""
+    check_input(type(layer).__name__, x, layer.num_spatial_dims)
+    kernel_size = normalize_tuple(layer.kernel_size, x.ndim, "kernel_size")
+    return POOLS[layer.kind](x, kernel_size, layer.strides, layer.padding, layer.kernel_dilation,
+                             indice_key=layer.indice_key, out_capacity=layer.out_capacity, backend=layer.backend)
 
 
 GLOBAL_POOLS = {"max": functional.global_max_pool, "avg": functional.global_avg_pool}
+
+
+def global_pool_call(layer: Any, x: SparseConvTensor) -> jax.Array:
+    """``__call__`` of the Linen and NNX global pools: ``[B, C]``."""
+    check_input(type(layer).__name__, x, None)
+    return GLOBAL_POOLS[layer.kind](x)
+
+
+def to_dense_call(layer: Any, x: SparseConvTensor) -> jax.Array:
+    """``__call__`` of the Linen and NNX ``ToDense``."""
+    check_input("ToDense", x, None)
+    return x.dense(channels_first=layer.channels_first)
 
 
 # ---- normalization -----------------------------------------------------------------------
@@ -195,6 +208,3 @@ def define_dimension_variants(namespace: dict, *bases: type) -> None:
             namespace[name] = type(name, (base,), {"num_spatial_dims": num_spatial_dims, "__doc__": doc,
                                                    "__module__": base.__module__, "__qualname__": name})
 
-
-def to_dense(x: SparseConvTensor, channels_first: bool) -> jax.Array:
-    return x.dense(channels_first=channels_first)

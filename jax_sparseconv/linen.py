@@ -91,11 +91,7 @@ class _SparsePool(nn.Module):
     num_spatial_dims: ClassVar[int | None] = None
     takes_sparse_tensor: ClassVar[bool] = True
 
-    def __call__(self, x):
-        _layers.check_input(type(self).__name__, x, self.num_spatial_dims)
-        return _layers.pool(self.kind, x, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
-                            kernel_dilation=self.kernel_dilation, indice_key=self.indice_key,
-                            out_capacity=self.out_capacity, backend=self.backend)
+    __call__ = _layers.pool_call
 
 
 class SparseMaxPool(_SparsePool):
@@ -118,9 +114,7 @@ class _GlobalPool(nn.Module):
     kind: ClassVar[str]
     takes_sparse_tensor: ClassVar[bool] = True
 
-    def __call__(self, x):
-        _layers.check_input(type(self).__name__, x, None)
-        return _layers.GLOBAL_POOLS[self.kind](x)
+    __call__ = _layers.global_pool_call
 
 
 class SparseGlobalMaxPool(_GlobalPool):
@@ -139,9 +133,7 @@ class ToDense(nn.Module):
     channels_first: bool = False
     takes_sparse_tensor: ClassVar[bool] = True
 
-    def __call__(self, x):
-        _layers.check_input("ToDense", x, None)
-        return _layers.to_dense(x, self.channels_first)
+    __call__ = _layers.to_dense_call
 
 
 # ---- normalization ---------------------------------------------------------------------------

@@ -94,11 +94,7 @@ class _SparsePool(nnx.Module):
         self.kernel_size, self.strides, self.padding, self.kernel_dilation = kernel_size, strides, padding, kernel_dilation
         self.indice_key, self.out_capacity, self.backend = indice_key, out_capacity, backend
 
-    def __call__(self, x):
-        _layers.check_input(type(self).__name__, x, self.num_spatial_dims)
-        return _layers.pool(self.kind, x, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
-                            kernel_dilation=self.kernel_dilation, indice_key=self.indice_key,
-                            out_capacity=self.out_capacity, backend=self.backend)
+    __call__ = _layers.pool_call
 
 
 class SparseMaxPool(_SparsePool):
@@ -121,9 +117,7 @@ class _GlobalPool(nnx.Module):
     kind: ClassVar[str]
     takes_sparse_tensor: ClassVar[bool] = True
 
-    def __call__(self, x):
-        _layers.check_input(type(self).__name__, x, None)
-        return _layers.GLOBAL_POOLS[self.kind](x)
+    __call__ = _layers.global_pool_call
 
 
 class SparseGlobalMaxPool(_GlobalPool):
@@ -143,9 +137,7 @@ class ToDense(nnx.Module):
     def __init__(self, channels_first: bool = False):
         self.channels_first = channels_first
 
-    def __call__(self, x):
-        _layers.check_input("ToDense", x, None)
-        return _layers.to_dense(x, self.channels_first)
+    __call__ = _layers.to_dense_call
 
 
 # ---- normalization ---------------------------------------------------------------------------
