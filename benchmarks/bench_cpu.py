@@ -1,6 +1,11 @@
-"""CPU benchmark: jax_sparseconv (ffi and xla backends) against spconv on real KITTI scans.
+"""Benchmark: jax_sparseconv (ffi and xla backends) against spconv on real KITTI scans.
 
-    python benchmarks/bench_cpu.py [--repeats 7] [--batches 1 2] [--out results.json]
+    python benchmarks/bench_cpu.py [--device cpu|gpu] [--repeats 7] [--batches 1 2] [--out results.json]
+
+``--device gpu`` runs the same cases, printing the same tables, on JAX's first GPU (the ffi
+backend then runs the CUDA handlers of ``jax_sparseconv._cuda``); spconv runs there too when
+``torch.cuda.is_available()``, and is left out otherwise. On a GPU the peak-RSS columns of
+the network table stay empty (host memory says little there); XLA's buffer count remains.
 
 Inputs: KITTI scans from ../shared/data/kitti voxelized at 0.05 m over their whole extent
 (about 80-90k voxels each). Each case reports the median of ``--repeats`` timed runs after
@@ -50,6 +55,18 @@ try:
 except ImportError:
     spconv = torch = None
 
+TORCH_DEVICE = "cpu"  # "cuda" for --device gpu; spconv is left out where torch has no GPU
+
+
+def torch_timer(fn):
+    """``fn`` followed by a wait for the GPU, so that timings cover the work."""
+    def run():
+        out = fn()
+        if TORCH_DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+    return run
+
 
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up (compiles under jit)
@@ -78,26 +95,27 @@ class Spconv:
     def __init__(self, x: jsc.SparseConvTensor):
         torch.set_num_threads(2)
         base = spconv_reference.to_spconv(x)
-        self.indices, self.shape, self.batch = base.indices, base.spatial_shape, base.batch_size
+        self.indices, self.shape, self.batch = base.indices.to(TORCH_DEVICE), base.spatial_shape, base.batch_size
 
     def tensor(self, channels):
-        feats = torch.randn(self.indices.shape[0], channels)
+        feats = torch.randn(self.indices.shape[0], channels, device=TORCH_DEVICE)
         return spconv.SparseConvTensor(feats, self.indices, self.shape, self.batch)
 
     def rulebook(self):
         from spconv.core import ConvAlgo
         from spconv.pytorch import ops
-        return lambda: ops.get_indice_pairs(self.indices, self.batch, self.shape, ConvAlgo.Native, [3, 3, 3],
-                                            [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0], subm=True)
+        return torch_timer(lambda: ops.get_indice_pairs(self.indices, self.batch, self.shape, ConvAlgo.Native,
+                                                         [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0],
+                                                         subm=True))
 
     def layer(self, layer, x):
-        layer.eval()
+        layer.to(TORCH_DEVICE).eval()
         with torch.no_grad():
             layer(x)  # builds and caches the rulebook under its indice_key
         def run():
             with torch.no_grad():
                 return layer(x)
-        return run
+        return torch_timer(run)
 
 
 def run_cases(x: jsc.SparseConvTensor, repeats: int) -> list[dict]:
@@ -166,12 +184,12 @@ def run_cases(x: jsc.SparseConvTensor, repeats: int) -> list[dict]:
     if ref:
         st = ref.tensor(cin)
         layer = spconv.SparseConv3d(cin, cout, 3, 2, 1, bias=False, indice_key="down")
-        layer.eval()
+        layer.to(TORCH_DEVICE).eval()
 
         def down_run():
             with torch.no_grad():
                 return layer(spconv.SparseConvTensor(st.features, st.indices, st.spatial_shape, st.batch_size))
-        record(f"SparseConv3d 3^3 s2 {cin}->{cout}", "spconv", median_time(down_run, repeats))
+        record(f"SparseConv3d 3^3 s2 {cin}->{cout}", "spconv", median_time(torch_timer(down_run), repeats))
         with torch.no_grad():
             sy = down_run()
         inverse = spconv.SparseInverseConv3d(cout, cin, 3, indice_key="down", bias=False)
@@ -216,13 +234,15 @@ def jax_network_call(kind: str, backend: str, x, labels):
 
 def spconv_network_call(x):
     torch.set_num_threads(2)
-    model = spconv_reference.mink_unet(x.num_channels, NUM_CLASSES).eval()
-    tensor = spconv_reference.to_spconv(x)
+    model = spconv_reference.mink_unet(x.num_channels, NUM_CLASSES).to(TORCH_DEVICE).eval()
+    t = spconv_reference.to_spconv(x)
+    tensor = spconv.SparseConvTensor(t.features.to(TORCH_DEVICE), t.indices.to(TORCH_DEVICE), t.spatial_shape,
+                                     t.batch_size)
 
     def forward():
         with torch.no_grad():
             return model(tensor).features
-    return forward
+    return torch_timer(forward)
 
 
 def _reset_peak_rss() -> int:
@@ -257,7 +277,7 @@ def memory_probe(impl: str, kind: str, batch: int) -> dict:
     return dict(peak_rss_rise_mib=(_rss_kib("VmHWM") - baseline) / 1024, **extra)
 
 
-def run_network_cases(batch: int, repeats: int, with_xla: bool) -> list[dict]:
+def run_network_cases(batch: int, repeats: int, with_xla: bool, device: str) -> list[dict]:
     rows = []
     x, labels = network_inputs(batch)
     impls = ["ffi"] + (["xla"] if with_xla else []) + (["spconv"] if spconv is not None else [])
@@ -270,9 +290,11 @@ def run_network_cases(batch: int, repeats: int, with_xla: bool) -> list[dict]:
             else:
                 fn, args = jax_network_call(kind, impl, x, labels)
                 call = jax_timer(fn, *args)
-            probe = subprocess.run([sys.executable, __file__, "--memory-probe", impl, kind, str(batch)],
-                                   capture_output=True, text=True, check=True)
-            memory = json.loads(probe.stdout.strip().splitlines()[-1])
+            memory = {}
+            if device == "cpu":
+                probe = subprocess.run([sys.executable, __file__, "--memory-probe", impl, kind, str(batch)],
+                                       capture_output=True, text=True, check=True)
+                memory = json.loads(probe.stdout.strip().splitlines()[-1])
             rows.append(dict(case=f"MinkUNet18 {kind}", batch=batch, impl=impl,
                              ms=median_time(call, repeats) * 1e3, gflops=None, dense_gflops=None, **memory))
     return rows
@@ -321,6 +343,8 @@ def network_table(rows: list[dict]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="where JAX (and spconv, if torch sees a GPU) runs the cases")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -336,7 +360,15 @@ def main():
         print(json.dumps(memory_probe(impl, kind, int(batch))))
         return
 
-    machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
+    global spconv, TORCH_DEVICE
+    jax.config.update("jax_default_device", jax.devices(args.device)[0])
+    if args.device == "gpu":
+        TORCH_DEVICE = "cuda"
+        if spconv is not None and not torch.cuda.is_available():
+            print("spconv left out: torch sees no GPU (torch.cuda.is_available() is False)")
+            spconv = None
+    machine = dict(device=str(jax.devices(args.device)[0]), platform=platform.platform(),
+                   processor=platform.processor(), cpus=os.cpu_count(),
                    jax=jax.__version__, spconv=None if spconv is None else importlib.metadata.version("spconv"),
                    torch=None if torch is None else torch.__version__, build=jsc.build_info())
     print(machine)
@@ -347,7 +379,7 @@ def main():
         if args.cases in ("all", "ops"):
             rows += run_cases(x, args.repeats)
         if args.cases in ("all", "networks"):
-            rows += run_network_cases(batch, args.network_repeats, not args.no_xla_network)
+            rows += run_network_cases(batch, args.network_repeats, not args.no_xla_network, args.device)
     add_ratios(rows)
     print(markdown_table([r for r in rows if not r["case"].startswith("MinkUNet")]))
     print()

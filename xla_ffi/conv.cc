@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "jsc/checks.h"
 #include "jsc/dtype.h"
 #include "jsc/ffi_util.h"
 #include "jsc/gather.h"
@@ -198,15 +199,9 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
 ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                             ffi::AnyBuffer w, ffi::Buffer<ffi::S32> nbr,
                             ffi::Result<ffi::AnyBuffer> out) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), nd = nbr.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || nd.size() != 2) {
-    return invalid("gather_matmul expects x [N, Cin], w [K, Cin, Cout], nbr [M, K]");
-  }
-  const int64_t n = xd[0], cin = xd[1], K = wd[0], cout = wd[2], rows = nd[0];
-  if (wd[1] != cin || nd[1] != K || x.element_type() != w.element_type()) {
-    return invalid("gather_matmul: x, w and nbr disagree on Cin, K or dtype");
-  }
-  if (auto err = check_matrix(*out, "out", rows, cout); err.failure()) return err;
+  MatmulDims d{};
+  if (auto err = check_gather_matmul(x, w, nbr, *out, &d); err.failure()) return err;
+  const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
   if (auto err = check_neighbours(nbr.typed_data(), rows * K, n, "nbr");
       err.failure())
     return err;
@@ -223,18 +218,10 @@ ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                                 ffi::AnyBuffer g, ffi::Buffer<ffi::S32> nbr,
                                 ffi::Result<ffi::AnyBuffer> dw) {
-  const auto xd = x.dimensions(), gd = g.dimensions(), nd = nbr.dimensions();
-  if (xd.size() != 2 || gd.size() != 2 || nd.size() != 2) {
-    return invalid("gather_matmul_grad expects x [N, Cin], g [M, Cout], nbr [M, K]");
-  }
-  const int64_t n = xd[0], cin = xd[1], cout = gd[1], rows = nd[0], K = nd[1];
-  if (gd[0] != rows || x.element_type() != g.element_type()) {
-    return invalid("gather_matmul_grad: g and nbr disagree on rows, or x and g on dtype");
-  }
-  const auto dd = dw->dimensions();
-  if (dd.size() != 3 || dd[0] != K || dd[1] != cin || dd[2] != cout) {
-    return invalid("gather_matmul_grad: dw must be [K, Cin, Cout]");
-  }
+  MatmulDims d{};
+  if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, &d); err.failure())
+    return err;
+  const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
   if (auto err = check_neighbours(nbr.typed_data(), rows * K, n, "nbr");
       err.failure())
     return err;

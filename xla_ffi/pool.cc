@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "jsc/checks.h"
 #include "jsc/dtype.h"
 #include "jsc/ffi_util.h"
 #include "jsc/gather.h"
@@ -22,9 +23,7 @@ constexpr int64_t kTileRows = 256;
 // [M, K] whose entries are rows of the table.
 ffi::Error check_pool_args(const ffi::AnyBuffer& table,
                            const ffi::Buffer<ffi::S32>& nbr, const char* what) {
-  if (table.dimensions().size() != 2 || nbr.dimensions().size() != 2) {
-    return invalid(std::string(what) + " expects [N, C] features and a [M, K] neighbour map");
-  }
+  if (auto err = check_pool_shapes(table, nbr, what); err.failure()) return err;
   return check_neighbours(nbr.typed_data(), nbr.element_count(),
                           table.dimensions()[0], "nbr");
 }

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "jsc/checks.h"
 #include "jsc/ffi_util.h"
 #include "jsc/geometry.h"
 #include "jsc/hash_table.h"
@@ -22,12 +23,6 @@ using S32 = ffi::Buffer<ffi::S32>;
 using S32Result = ffi::ResultBuffer<ffi::S32>;
 
 constexpr int64_t kTileRows = 2048;  // rows per parallel task
-
-int64_t site_key(const ConvGeometry& g, const int32_t* row) {
-  int64_t coords[kMaxDims];
-  for (int d = 0; d < g.ndim; ++d) coords[d] = row[d + 1];
-  return encode_key(row[0], coords, g.in_shape, g.ndim);
-}
 
 // The active input sites as a hash set of row numbers keyed by their site.
 // A slot holds only a row (4 bytes; keys are recomputed from `indices`), so
@@ -59,7 +54,7 @@ class RowTable {
 
  private:
   int64_t key_of(int32_t row) const {
-    return site_key(g_, indices_ + static_cast<int64_t>(row) * (g_.ndim + 1));
+    return input_key(g_, indices_ + static_cast<int64_t>(row) * (g_.ndim + 1));
   }
 
   const ConvGeometry& g_;
@@ -90,12 +85,7 @@ ffi::Error check_sites(const ConvGeometry& g, const int32_t* indices,
   const int cols = g.ndim + 1;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* row = indices + r * cols;
-    if (row[0] < 0) continue;
-    bool ok = row[0] < g.batch_size;
-    for (int d = 0; d < g.ndim; ++d) {
-      ok = ok && row[d + 1] >= 0 && row[d + 1] < g.in_shape[d];
-    }
-    if (!ok) {
+    if (row[0] >= 0 && !site_in_grid(g, row)) {
       return invalid("indices row " + std::to_string(r) + " " +
                      describe_row(row, g.ndim) +
                      " lies outside batch_size x spatial_shape");
@@ -137,10 +127,10 @@ ffi::Error build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
     int32_t* in_row = in_nbr + r * K;
     int32_t* out_row = out_nbr + r * K;
     for (int64_t k = 0; k < K; ++k) {
-      int64_t site[kMaxDims];
       int32_t j = -1;
-      if (row[0] >= 0 && output_site(g, row + 1, offsets.data() + k * g.ndim, site)) {
-        j = table.find(encode_key(row[0], site, g.out_shape, g.ndim));
+      if (row[0] >= 0) {
+        const int64_t key = reached_key(g, row, offsets.data() + k * g.ndim);
+        if (key >= 0) j = table.find(key);
       }
       in_row[k] = j;
       out_row[K - 1 - k] = j;
@@ -169,11 +159,9 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
   auto for_reached = [&](int64_t r, auto fn) {
     const int32_t* row = indices + r * cols;
     if (row[0] < 0) return;
-    int64_t site[kMaxDims];
     for (int64_t k = 0; k < K; ++k) {
-      if (output_site(g, row + 1, offsets.data() + k * g.ndim, site)) {
-        fn(k, encode_key(row[0], site, g.out_shape, g.ndim));
-      }
+      const int64_t key = reached_key(g, row, offsets.data() + k * g.ndim);
+      if (key >= 0) fn(k, key);
     }
   };
 
@@ -248,25 +236,11 @@ ffi::Error BuildRulebookImpl(ffi::ThreadPool pool, S32 indices,
     return err;
   }
   const int64_t cols = g.ndim + 1;
-  const int64_t K = g.kernel_volume();
-  const int64_t rows = indices.dimensions().size() == 2
-                           ? indices.dimensions()[0]
-                           : -1;
-  if (auto err = check_matrix(indices, "indices", -1, cols); err.failure())
-    return err;
-  const int64_t out_capacity =
-      out_nbr->dimensions().size() == 2 ? out_nbr->dimensions()[0] : -1;
-  if (auto err = check_matrix(*out_nbr, "out_nbr", -1, K); err.failure())
-    return err;
-  if (auto err = check_matrix(*out_indices, "out_indices", out_capacity, cols);
+  int64_t rows, out_capacity;
+  if (auto err = check_rulebook_buffers(g, indices, *out_indices, *out_nbr,
+                                        *in_nbr, *needed, &rows, &out_capacity);
       err.failure())
     return err;
-  if (auto err = check_matrix(*in_nbr, "in_nbr", rows, K); err.failure())
-    return err;
-  if (needed->element_count() != 1) return invalid("needed must be a scalar");
-  if (g.mode == ConvMode::kSubm && out_capacity != rows) {
-    return invalid("a submanifold rulebook has out_capacity == capacity");
-  }
   if (auto err = check_sites(g, indices.typed_data(), rows); err.failure())
     return err;
 

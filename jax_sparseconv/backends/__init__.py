@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import types
 
-import jax
-
 from jax_sparseconv.backends import ffi, xla
 
 BACKENDS = {"xla": xla, "ffi": ffi}
@@ -20,9 +18,10 @@ BACKENDS = {"xla": xla, "ffi": ffi}
 
 def resolve(backend: str | None) -> str:
     """The backend name to use: ``None`` means ``ffi`` where it is compiled for the
-    default platform (CPU) and ``xla`` elsewhere (GPU, TPU)."""
+    default platform (CPU; a CUDA GPU with ``jax_sparseconv._cuda``) and ``xla``
+    elsewhere (TPU, ROCm)."""
     if backend is None:
-        return "ffi" if ffi.available() and jax.default_backend() == "cpu" else "xla"
+        return "ffi" if ffi.serves_default_platform() else "xla"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
     if backend == "ffi" and not ffi.available():

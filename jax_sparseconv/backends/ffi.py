@@ -1,4 +1,6 @@
-"""XLA FFI backend: C++ handlers from ``xla_ffi/`` (module ``jax_sparseconv._cpu``).
+"""XLA FFI backend: C++ handlers from ``xla_ffi/`` (modules ``jax_sparseconv._cpu`` and,
+where it was built, ``jax_sparseconv._cuda``, registered under the same target names for
+the platforms "cpu" and "CUDA", so one ``ffi_call`` serves both).
 
 Rulebooks are built with a hash table of 64-bit site keys; the feature kernels
 gather along the neighbour maps in row tiles on XLA's CPU thread pool. Every
@@ -21,14 +23,34 @@ try:
 except ImportError:  # a source checkout without the compiled extension
     _cpu = None
 
-if _cpu is not None:
-    for _name, _capsule in _cpu.registrations().items():
-        jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+try:
+    from jax_sparseconv import _cuda
+except ImportError:  # built without a CUDA compiler
+    _cuda = None
+
+for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
+    if _module is not None:  # registering for "CUDA" is harmless where no GPU exists
+        for _name, _capsule in _module.registrations().items():
+            jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
 
 
 def available() -> bool:
     """True when the CPU extension is compiled and registered."""
     return _cpu is not None
+
+
+def cuda_available() -> bool:
+    """True when the CUDA extension is compiled and registered."""
+    return _cuda is not None
+
+
+def serves_default_platform() -> bool:
+    """True when a compiled extension serves JAX's default platform (CPU, or a CUDA GPU)."""
+    platform = jax.default_backend()
+    if platform == "cpu":
+        return available()
+    return (platform == "gpu" and cuda_available()
+            and "cuda" in jax.devices()[0].client.platform_version.lower())
 
 
 def _call(target: str, *out_types: jax.ShapeDtypeStruct):

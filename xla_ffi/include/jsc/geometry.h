@@ -73,6 +73,32 @@ JSC_HOST_DEVICE int64_t encode_key(int64_t batch, const int64_t* coords,
   return key;
 }
 
+// An indices row (batch, coords...) is active (batch >= 0) and lies inside
+// batch_size x in_shape.
+JSC_HOST_DEVICE bool site_in_grid(const ConvGeometry& g, const int32_t* row) {
+  bool ok = row[0] >= 0 && row[0] < g.batch_size;
+  for (int d = 0; d < g.ndim; ++d) {
+    ok = ok && row[d + 1] >= 0 && row[d + 1] < g.in_shape[d];
+  }
+  return ok;
+}
+
+// Key of the input site of an indices row, over (batch_size, *in_shape).
+JSC_HOST_DEVICE int64_t input_key(const ConvGeometry& g, const int32_t* row) {
+  int64_t coords[kMaxDims];
+  for (int d = 0; d < g.ndim; ++d) coords[d] = row[d + 1];
+  return encode_key(row[0], coords, g.in_shape, g.ndim);
+}
+
+// Key over (batch_size, *out_shape) of the output site that the active
+// indices row `row` reaches through `offset` (see unravel_offset), or -1.
+JSC_HOST_DEVICE int64_t reached_key(const ConvGeometry& g, const int32_t* row,
+                                    const int64_t* offset) {
+  int64_t site[kMaxDims];
+  if (!output_site(g, row + 1, offset, site)) return -1;
+  return encode_key(row[0], site, g.out_shape, g.ndim);
+}
+
 JSC_HOST_DEVICE void decode_key(int64_t key, const int64_t* shape, int ndim,
                                 int32_t* row) {
   for (int d = ndim - 1; d >= 0; --d) {

@@ -33,6 +33,30 @@ inline int64_t hash_table_size(int64_t n) {
   return size;
 }
 
+// Atomic access to a slot's key from host threads or device threads.
+JSC_HOST_DEVICE int64_t atomic_load_key(const int64_t* key) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const volatile int64_t*>(key);
+#else
+  return __atomic_load_n(key, __ATOMIC_ACQUIRE);
+#endif
+}
+
+// Compare-and-swap of a slot's key; returns the key found there.
+JSC_HOST_DEVICE int64_t atomic_cas_key(int64_t* key, int64_t expected,
+                                       int64_t desired) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<int64_t>(atomicCAS(
+      reinterpret_cast<unsigned long long*>(key),
+      static_cast<unsigned long long>(expected),
+      static_cast<unsigned long long>(desired)));
+#else
+  __atomic_compare_exchange_n(key, &expected, desired, false, __ATOMIC_ACQ_REL,
+                              __ATOMIC_ACQUIRE);
+  return expected;
+#endif
+}
+
 struct Slot {
   int64_t key;    // kEmptyKey where free
   int32_t value;
@@ -43,29 +67,32 @@ struct HashTableView {
   Slot* slots;
   int64_t size;  // a power of two
 
-#if !defined(__CUDACC__)
-  // Thread-safe insertion of a key alone (values are set later): 1 if it
-  // was inserted, 0 if it was present, -1 if the table is full. The final set
-  // of keys does not depend on the interleaving of threads.
-  int insert_key_concurrent(int64_t key) {
+  // Thread-safe insertion of a key alone (values are set separately): 1 if it
+  // was inserted, 0 if it was present, -1 if the table is full; `*where`
+  // (if given) receives the key's slot. The final set of keys does not depend
+  // on the interleaving of threads (host threads or device threads).
+  JSC_HOST_DEVICE int insert_key_concurrent(int64_t key,
+                                            int64_t* where = nullptr) {
     const uint64_t mask = static_cast<uint64_t>(size - 1);
     uint64_t slot = home_slot(static_cast<uint64_t>(key)) & mask;
     for (int64_t probes = 0; probes < size;) {
-      int64_t current = __atomic_load_n(&slots[slot].key, __ATOMIC_ACQUIRE);
-      if (current == kEmptyKey &&
-          __atomic_compare_exchange_n(&slots[slot].key, &current, key, false,
-                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        return 1;
+      int64_t current = atomic_load_key(&slots[slot].key);
+      if (current == kEmptyKey) {
+        current = atomic_cas_key(&slots[slot].key, kEmptyKey, key);
+        if (current == kEmptyKey) {
+          if (where) *where = static_cast<int64_t>(slot);
+          return 1;
+        }
       }
-      if (current == key) return 0;
-      if (current != kEmptyKey) {  // taken by another key: probe on
-        slot = (slot + 1) & mask;
-        ++probes;
+      if (current == key) {
+        if (where) *where = static_cast<int64_t>(slot);
+        return 0;
       }
+      slot = (slot + 1) & mask;  // taken by another key: probe on
+      ++probes;
     }
     return -1;
   }
-#endif
 
   // The slot holding key, or -1.
   JSC_HOST_DEVICE int64_t find_slot(int64_t key) const {

@@ -1,0 +1,266 @@
+"""The CUDA handlers (``jax_sparseconv._cuda``): every op with ``backend="ffi"`` on a GPU,
+against the ``xla`` backend on the same GPU, the CPU handlers, and the dense float64
+reference. The whole module is skipped, with the reason, where JAX sees no GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sparseconv as jsc
+from jax_sparseconv import testing as T
+from jax_sparseconv.backends import ffi, xla
+from jax_sparseconv.geometry import REGULAR, SUBM, TRANSPOSED, make_geometry
+
+
+def _gpus():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:  # no GPU backend in this jaxlib, or no device
+        return []
+
+
+if not _gpus():
+    pytest.skip("no GPU visible to JAX (jax.devices('gpu') is empty): the CUDA handlers are not run",
+                allow_module_level=True)
+if not ffi.cuda_available():
+    pytest.skip("a GPU is visible but jax_sparseconv._cuda was not built (no CUDA compiler at install "
+                "time; see BUILD.md)", allow_module_level=True)
+
+GPU, CPU = _gpus()[0], jax.devices("cpu")[0]
+
+
+@pytest.fixture(autouse=True)
+def on_gpu():
+    with jax.default_device(GPU):
+        yield
+
+
+# (mode, spatial_shape, kernel_size, strides, padding, dilation, (C_in, C_out), batch_size, density):
+# every mode and spatial rank, and channel counts that cross the 16 x 64 x 64 tiles.
+CASES = [
+    (SUBM, (6, 7, 5), (3, 3, 3), 1, 0, 1, (8, 5), 2, 0.3),
+    (SUBM, (24, 24, 24), (3, 3, 3), 1, 0, 1, (40, 70), 2, 0.2),
+    (SUBM, (13, 11), (5, 3), 1, 0, (2, 1), (3, 4), 3, 0.4),
+    (SUBM, (4, 5, 4, 3), (3, 3, 3, 3), 1, 0, 1, (17, 33), 1, 0.4),
+    (REGULAR, (24, 24, 24), (3, 3, 3), 2, 1, 1, (32, 64), 2, 0.2),
+    (REGULAR, (13,), (4,), 3, 2, 1, (1, 1), 2, 0.5),
+    (REGULAR, (7, 9), (2, 3), (1, 2), (0, 1), (2, 1), (16, 65), 2, 0.3),
+    (TRANSPOSED, (6, 7, 5), (2, 2, 2), 2, 0, 1, (24, 8), 2, 0.3),
+    (TRANSPOSED, (4, 5, 4, 3), (3, 1, 2, 3), (1, 2, 1, 2), (1, 0, 0, 1), 1, (5, 7), 1, 0.4),
+]
+
+
+def _ids(case):
+    return "-".join(str(v).replace(" ", "") for v in case)
+
+
+def _geometry(case):
+    mode, shape, k, s, p, d = case[:6]
+    return make_geometry(mode, shape, k, s, p, d)
+
+
+def _conv(x, kernel, case, backend, **kw):
+    mode, _, _, s, p, d = case[:6]
+    g = _geometry(case)
+    capacity = None if mode == SUBM else min(x.capacity * g.max_outputs_per_input(),
+                                             x.batch_size * int(np.prod(g.out_shape))) + 2
+    return jsc.sparse_conv(x, kernel, strides=s, padding=p, dilation=d, subm=mode == SUBM,
+                           transposed=mode == TRANSPOSED, out_capacity=capacity, backend=backend, **kw)
+
+
+def _value_and_grads(x, kernel, cotangent, case, backend):
+    def loss(features, kernel):
+        y = _conv(x.replace_feature(features), kernel, case, backend, precision="highest")
+        return jnp.sum(y.features.astype(jnp.float32) * cotangent), y
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x.features, kernel)
+    return y, grads
+
+
+def _dense(x, kernel, case):
+    """The dense float64 result at the output sites, computed on the CPU."""
+    with jax.enable_x64(True), jax.default_device(CPU):
+        xd = jnp.asarray(np.asarray(x.dense(), np.float64))
+        out = np.asarray(T.dense_conv(xd, jnp.asarray(np.asarray(kernel, np.float64)), _geometry(case)))
+        sites = np.asarray(T.dense_sites(jnp.asarray(np.asarray(T.active_mask(x))), _geometry(case)))
+    return out, sites
+
+
+def _assert_trees_close(a, b, rtol, atol):
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(v, np.float64), rtol=rtol, atol=atol)
+
+
+def _device_of(a):
+    return next(iter(a.devices()))
+
+
+def test_build_reports_cuda():
+    info = jsc.build_info()
+    assert info["cuda_ffi"] and info["cuda_archs"]
+    assert info["default_backend"] == "ffi", "backend=None should pick the CUDA handlers on a CUDA GPU"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_rulebook_equals_the_cpu_handler(case, rng):
+    """Bitwise the CPU handler's rulebook: same output rows in the same sorted order, same maps,
+    same needed count, also when out_capacity is too small."""
+    x = T.random_tensor(rng, case[7], case[1], 1, density=case[8])
+    g = _geometry(case)
+    full = x.capacity * g.max_outputs_per_input()
+    for capacity in ([x.capacity] if case[0] == SUBM else [full, max(1, full // 8)]):
+        build = jax.jit(jsc.rulebook.build_rulebook, static_argnums=(1, 2, 3, 4))
+        gpu = build(x.indices, g, x.batch_size, capacity, ffi)
+        assert _device_of(jax.tree_util.tree_leaves(gpu)[0]).platform == "gpu"
+        cpu = build(jax.device_put(x.indices, CPU), g, x.batch_size, capacity, ffi)
+        for a, b in zip(jax.tree_util.tree_leaves(gpu), jax.tree_util.tree_leaves(cpu)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"capacity {capacity}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_conv_matches_xla_and_dense(case, rng):
+    """Output, feature gradient and kernel gradient in float32: the dense reference and the xla
+    backend (precision="highest") on the same GPU."""
+    mode, shape, k, _, _, _, (cin, cout), batch_size, density = case
+    x = T.random_tensor(rng, batch_size, shape, cin, density=density)
+    kernel = jnp.asarray(rng.normal(size=tuple(np.broadcast_to(k, len(shape))) + (cin, cout)) / np.sqrt(cin),
+                         jnp.float32)
+    run = jax.jit(_value_and_grads, static_argnums=(3, 4))
+    y0 = _conv(x, kernel, case, "xla")
+    cotangent = jnp.asarray(rng.normal(size=(y0.capacity, cout)), jnp.float32)
+    y, grads = run(x, kernel, cotangent, case, "ffi")
+    y_xla, grads_xla = run(x, kernel, cotangent, case, "xla")
+    assert _device_of(y.features).platform == "gpu"
+    np.testing.assert_array_equal(y.indices, y_xla.indices)
+    _assert_trees_close((y.features, grads), (y_xla.features, grads_xla), rtol=1e-4, atol=1e-4)
+    ref, sites = _dense(x, kernel, case)
+    assert T.site_set(y.indices) == T.dense_site_set(sites)
+    active = np.asarray(y.active)
+    np.testing.assert_allclose(np.asarray(y.features, np.float64)[active], T.at_sites(ref, y.indices),
+                               rtol=1e-4, atol=1e-4)
+    assert not np.asarray(y.features)[~active].any()
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 5e-2), (jnp.float16, 5e-3), (jnp.float64, 1e-10)])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[7]], ids=_ids)
+def test_conv_dtypes(case, dtype, tol, rng):
+    """bfloat16 and float16 (tensor cores, float32 accumulation) and float64, against the dense
+    reference of the rounded inputs; gradients against the xla backend."""
+    with jax.enable_x64(dtype == jnp.float64):
+        mode, shape, k, _, _, _, (cin, cout), batch_size, density = case
+        x = T.random_tensor(rng, batch_size, shape, cin, density=density)
+        x = x.replace_feature(x.features.astype(dtype))
+        kernel = jnp.asarray(rng.normal(size=tuple(np.broadcast_to(k, len(shape))) + (cin, cout)) / np.sqrt(cin),
+                             dtype)
+        y = jax.jit(_conv, static_argnums=(2, 3))(x, kernel, case, "ffi")
+        assert y.features.dtype == dtype
+        ref, _ = _dense(x, kernel, case)
+        active = np.asarray(y.active)
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(np.asarray(y.features, np.float64)[active], T.at_sites(ref, y.indices),
+                                   rtol=tol, atol=tol * scale)
+        cotangent = jnp.asarray(rng.normal(size=(y.capacity, cout)), jnp.float32)
+        run = jax.jit(_value_and_grads, static_argnums=(3, 4))
+        _, grads = run(x, kernel, cotangent, case, "ffi")
+        _, grads_xla = run(x, kernel, cotangent, case, "xla")
+        for a, b in zip(grads, grads_xla):
+            bound = max(1.0, float(np.abs(np.asarray(b, np.float64)).max()))
+            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol,
+                                       atol=tol * bound)
+
+
+def test_inverse_conv(rng):
+    case = CASES[4]
+    x = T.random_tensor(rng, 2, case[1], 32, density=0.2)
+    w_down = jnp.asarray(rng.normal(size=(3, 3, 3, 32, 64)) / 6, jnp.float32)
+    w_up = jnp.asarray(rng.normal(size=(3, 3, 3, 64, 32)) / 8, jnp.float32)
+
+    def chain(features, w_down, w_up, backend):
+        d = _conv(x.replace_feature(features), w_down, case, backend, indice_key="down", precision="highest")
+        return jsc.sparse_conv(d, w_up, inverse=True, indice_key="down", backend=backend,
+                               precision="highest").features
+
+    results = [jax.jit(jax.value_and_grad(lambda *a, b=b: jnp.sum(chain(*a, b) ** 2), argnums=(0, 1, 2)))(
+        x.features, w_down, w_up) for b in ("ffi", "xla")]
+    _assert_trees_close(results[0], results[1], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pools_match_xla(kind, dtype, rng):
+    pool = {"max": jsc.sparse_max_pool, "avg": jsc.sparse_avg_pool}[kind]
+    x = T.random_tensor(rng, 2, (20, 18, 16), 24, density=0.3)
+    spread = rng.permutation(x.features.size).reshape(x.features.shape)  # no ties in max pool
+    x = x.replace_feature((-0.1 - 1e-3 * jnp.asarray(spread, jnp.float32)).astype(dtype))
+    cotangent = jnp.asarray(rng.normal(size=(x.capacity * 8, 24)), jnp.float32)
+
+    def loss(features, backend):
+        y = pool(x.replace_feature(features), 3, 2, 1, out_capacity=x.capacity * 8, backend=backend)
+        return jnp.sum(y.features.astype(jnp.float32) * cotangent), y
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, y), grad = run(x.features, "ffi")
+    (_, y_xla), grad_xla = run(x.features, "xla")
+    np.testing.assert_array_equal(y.indices, y_xla.indices)
+    tol = 1e-6 if dtype == jnp.float32 else 5e-2
+    _assert_trees_close((y.features, grad), (y_xla.features, grad_xla), rtol=tol, atol=tol)
+    with jax.enable_x64(True), jax.default_device(CPU):
+        xd = jnp.asarray(np.asarray(x.dense(), np.float64))
+        mask = jnp.asarray(np.asarray(T.active_mask(x)))
+        geometry = make_geometry(REGULAR, x.spatial_shape, 3, 2, 1, 1)
+        dense = {"max": T.dense_max_pool, "avg": T.dense_avg_pool}[kind](xd, mask, geometry)
+    active = np.asarray(y.active)
+    np.testing.assert_allclose(np.asarray(y.features, np.float64)[active], T.at_sites(np.asarray(dense), y.indices),
+                               rtol=tol, atol=tol)
+
+
+def test_deterministic(rng):
+    """Bitwise equal results on repeated runs: rulebooks, outputs, and both gradients (the kernel
+    gradient is reduced over row ranges in a fixed order, without atomics)."""
+    case = (REGULAR, (32, 32, 32), (3, 3, 3), 2, 1, 1, (32, 64), 2, 0.3)
+    x = T.random_tensor(rng, 2, case[1], 32, density=0.3)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 32, 64)), jnp.float32)
+    y0 = _conv(x, kernel, case, "ffi")
+    cotangent = jnp.asarray(rng.normal(size=(y0.capacity, 64)), jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xs = x.replace_feature(x.features.astype(dtype))
+        runs = [jax.jit(_value_and_grads, static_argnums=(3, 4))(xs, kernel.astype(dtype), cotangent, case, "ffi")
+                for _ in range(3)]
+        for run in runs[1:]:
+            for a, b in zip(jax.tree_util.tree_leaves(runs[0]), jax.tree_util.tree_leaves(run)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_vmap_folds_on_the_gpu(rng):
+    case = CASES[0]
+    xs = [T.random_tensor(rng, 2, case[1], 8, density=0.3, min_active=20) for _ in range(3)]
+    capacity = max(x.capacity for x in xs)
+    xs = [jsc.SparseConvTensor(jnp.pad(x.features, ((0, capacity - x.capacity), (0, 0))),
+                               jnp.pad(x.indices, ((0, capacity - x.capacity), (0, 0)), constant_values=-1),
+                               x.spatial_shape, x.batch_size) for x in xs]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 8, 5)), jnp.float32)
+    down = (REGULAR,) + case[1:2] + ((3, 3, 3), 2, 1, 1, (8, 5), 2, 0.3)
+    for c in (case, down):
+        batched = jax.jit(jax.vmap(lambda x, c=c: _conv(x, kernel, c, "ffi").features))(stacked)
+        for i, x in enumerate(xs):
+            np.testing.assert_allclose(batched[i], _conv(x, kernel, c, "xla", precision="highest").features,
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gather_matmul", "gather_matmul_grad", "gather_sum", "gather_max"])
+def test_out_of_range_neighbours_count_as_missing(name, rng):
+    """Where the CPU handlers raise, the CUDA handlers never read out of bounds: entries outside
+    [-1, N) act as -1 (documented in BUILD.md)."""
+    n, m, k, cin, cout = 50, 70, 5, 20, 30
+    nbr = rng.integers(-1, n, size=(m, k)).astype(np.int32)
+    hostile = np.where(rng.random((m, k)) < 0.3, rng.choice([-7, n, n + 1000, 2**31 - 1], (m, k)), nbr)
+    cleaned = np.where((hostile >= -1) & (hostile < n), hostile, -1).astype(np.int32)
+    x = jnp.asarray(rng.normal(size=(n, cin)), jnp.float32)
+    other = {"gather_matmul": (jnp.asarray(rng.normal(size=(k, cin, cout)), jnp.float32),),
+             "gather_matmul_grad": (jnp.asarray(rng.normal(size=(m, cout)), jnp.float32),)}.get(name, ())
+    precision = {"precision": "highest"} if name.startswith("gather_matmul") else {}
+    got = jax.block_until_ready(getattr(ffi, name)(x, *other, jnp.asarray(hostile, jnp.int32)))
+    want = getattr(xla, name)(x, *other, jnp.asarray(cleaned), **precision)
+    _assert_trees_close(got, want, rtol=1e-4, atol=1e-4)

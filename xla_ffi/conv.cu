@@ -1,0 +1,317 @@
+// Convolution kernels on a GPU, with the semantics of conv.cc:
+//   GatherMatmul:     out[r] = sum_k x[nbr[r, k]] @ w[k]   (forward, input grad)
+//   GatherMatmulGrad: dw[k] = sum_r x[nbr[r, k]]^T g[r]    (kernel grad)
+// Both are implicit GEMMs on 64 x 64 output tiles: rows are gathered through
+// the neighbour map into shared memory, 16 reduction steps at a time, and
+// multiplied there. bfloat16 and float16 use tensor cores (wmma, float32
+// accumulation; products of half values are exact in float32); float32 and
+// float64 use CUDA-core FMAs in full precision (the handlers take no
+// precision attribute, so tf32 is not used). Tiles of 16 gathered rows that
+// have no neighbour are skipped.
+// Deterministic: every output tile is summed by one thread block in a fixed
+// order; the kernel gradient splits the rows into a number of ranges fixed by
+// the shapes, sums each range into scratch memory and adds the ranges in
+// order in a second pass. No floating-point atomics.
+// Neighbour entries outside [-1, N) count as -1 (the CPU handlers reject them).
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "jsc/checks.h"
+#include "jsc/cuda_util.h"
+#include "jsc/dtype.h"
+#include "jsc/ffi_util.h"
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "jax_sparseconv's CUDA kernels need compute capability 8.0 or newer (bfloat16 wmma)"
+#endif
+
+namespace jsc::gpu {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kBM = 64;       // tile rows (output rows; input channels for dw)
+constexpr int kBN = 64;       // tile columns (output channels)
+constexpr int kBK = 16;       // reduction step
+constexpr int kPitch = 72;    // row pitch of the shared tiles (elements)
+constexpr int kTileThreads = 128;
+
+// The shared tiles of one reduction step: a[kk][m] = A[m, kk] (A stored
+// transposed, so that both tiles load along their contiguous global axis)
+// and b[kk][n] = B[kk, n]. Each engine adds A @ B to its 64 x 64 tile.
+
+// Both engines read tiles of the storage type T (In); the CUDA-core engine
+// serves float32 and float64, whose accumulation type is T itself.
+
+// CUDA cores: thread t owns rows 4 (t / 8) .. + 4 and columns t % 8 + 8 j.
+template <typename Acc>
+struct SimtTile {
+  using In = Acc;
+  using Out = Acc;
+  Acc acc[4][8];
+
+  __device__ void zero() {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0;
+  }
+
+  __device__ void mma(const In (*a)[kPitch], const In (*b)[kPitch]) {
+    const int tr = threadIdx.x / 8 * 4, tc = threadIdx.x % 8;
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      Acc av[4], bv[8];
+      for (int i = 0; i < 4; ++i) av[i] = a[kk][tr + i];
+      for (int j = 0; j < 8; ++j) bv[j] = b[kk][tc + 8 * j];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 8; ++j) acc[i][j] += av[i] * bv[j];
+    }
+  }
+
+  // out[m * ld + n] for m < m_valid, n < n_valid.
+  __device__ void store(Out* out, int64_t ld, int64_t m_valid, int64_t n_valid) {
+    const int tr = threadIdx.x / 8 * 4, tc = threadIdx.x % 8;
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 8; ++j) {
+        if (tr + i < m_valid && tc + 8 * j < n_valid) out[(tr + i) * ld + tc + 8 * j] = acc[i][j];
+      }
+    }
+  }
+};
+
+// Tensor cores: warp w owns the 32 x 32 quarter (w / 2, w % 2), as 2 x 2
+// fragments of 16 x 16 with float32 accumulators.
+template <typename T>
+struct WmmaTile {
+  using In = T;
+  using Out = float;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+
+  __device__ void zero() {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+
+  __device__ void mma(const In (*a)[kPitch], const In (*b)[kPitch]) {
+    const int wm = threadIdx.x / 32 / 2 * 32, wn = threadIdx.x / 32 % 2 * 32;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &a[0][wm + 16 * i], kPitch);
+    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &b[0][wn + 16 * j], kPitch);
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+  }
+
+  __device__ void store(Out* out, int64_t ld, int64_t m_valid, int64_t n_valid) {
+    constexpr int kCPitch = kBN + 4;
+    __shared__ __align__(32) float c[kBM][kCPitch];
+    const int wm = threadIdx.x / 32 / 2 * 32, wn = threadIdx.x / 32 % 2 * 32;
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(&c[wm + 16 * i][wn + 16 * j], acc[i][j], kCPitch,
+                                wmma::mem_row_major);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kBM * kBN; e += kTileThreads) {
+      const int m = e / kBN, n = e % kBN;
+      if (m < m_valid && n < n_valid) out[m * ld + n] = c[m][n];
+    }
+  }
+};
+
+template <typename T> struct TileFor { using type = SimtTile<T>; };
+template <> struct TileFor<__half> { using type = WmmaTile<__half>; };
+template <> struct TileFor<__nv_bfloat16> { using type = WmmaTile<__nv_bfloat16>; };
+
+// Forward: block (row tile, column tile) of out = sum_k gather(x, nbr[:, k]) @ w[k].
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(kTileThreads)
+gather_matmul_kernel(const T* x, int64_t n, int64_t cin, const T* w, int64_t K,
+                     int64_t cout, const int32_t* nbr, int64_t rows,
+                     typename Tile::Out* out) {
+  using In = typename Tile::In;
+  __shared__ __align__(32) In a[kBK][kPitch];
+  __shared__ __align__(32) In b[kBK][kPitch];
+  __shared__ int32_t src[kBM];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const In zero(0.0f);
+  Tile tile;
+  tile.zero();
+  for (int64_t k = 0; k < K; ++k) {
+    int found = 0;
+    if (threadIdx.x < kBM) {
+      const int64_t r = r0 + threadIdx.x;
+      const int32_t s = r < rows ? safe_row(nbr[r * K + k], n) : -1;
+      src[threadIdx.x] = s;
+      found = s >= 0;
+    }
+    if (!__syncthreads_or(found)) continue;
+    const T* wk = w + k * cin * cout;
+    for (int64_t c0 = 0; c0 < cin; c0 += kBK) {
+      for (int e = threadIdx.x; e < kBM * kBK; e += kTileThreads) {
+        const int m = e / kBK, kk = e % kBK;
+        const int32_t s = src[m];
+        a[kk][m] = s >= 0 && c0 + kk < cin ? x[s * cin + c0 + kk] : zero;
+      }
+      for (int e = threadIdx.x; e < kBK * kBN; e += kTileThreads) {
+        const int kk = e / kBN, j = e % kBN;
+        b[kk][j] = c0 + kk < cin && n0 + j < cout
+                       ? wk[(c0 + kk) * cout + n0 + j] : zero;
+      }
+      __syncthreads();
+      tile.mma(a, b);
+      __syncthreads();
+    }
+  }
+  tile.store(out + r0 * cout + n0, cout, rows - r0, cout - n0);
+}
+
+// Kernel gradient, block (input-channel tile x output-channel tile, k, split):
+// partial[split, k] = sum over the split's rows r of x[nbr[r, k]]^T g[r].
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(kTileThreads)
+gather_matmul_grad_kernel(const T* x, int64_t n, int64_t cin, const T* g,
+                          int64_t cout, const int32_t* nbr, int64_t rows,
+                          int64_t K, int64_t rows_per_split, int64_t col_tiles,
+                          typename Tile::Out* partial) {
+  using In = typename Tile::In;
+  __shared__ __align__(32) In a[kBK][kPitch];
+  __shared__ __align__(32) In b[kBK][kPitch];
+  __shared__ int32_t src[kBK];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) / col_tiles * kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) % col_tiles * kBN;
+  const int64_t k = blockIdx.y, split = blockIdx.z;
+  const int64_t begin = split * rows_per_split;
+  const int64_t end = rows < begin + rows_per_split ? rows : begin + rows_per_split;
+  const In zero(0.0f);
+  Tile tile;
+  tile.zero();
+  for (int64_t r0 = begin; r0 < end; r0 += kBK) {
+    int found = 0;
+    if (threadIdx.x < kBK) {
+      const int64_t r = r0 + threadIdx.x;
+      const int32_t s = r < end ? safe_row(nbr[r * K + k], n) : -1;
+      src[threadIdx.x] = s;
+      found = s >= 0;
+    }
+    if (!__syncthreads_or(found)) continue;
+    for (int e = threadIdx.x; e < kBK * kBM; e += kTileThreads) {
+      const int kk = e / kBM, m = e % kBM;
+      const int32_t s = src[kk];
+      a[kk][m] = s >= 0 && i0 + m < cin ? x[s * cin + i0 + m] : zero;
+    }
+    for (int e = threadIdx.x; e < kBK * kBN; e += kTileThreads) {
+      const int kk = e / kBN, j = e % kBN;
+      b[kk][j] = src[kk] >= 0 && n0 + j < cout
+                     ? g[(r0 + kk) * cout + n0 + j] : zero;
+    }
+    __syncthreads();
+    tile.mma(a, b);
+    __syncthreads();
+  }
+  tile.store(partial + ((split * K + k) * cin + i0) * cout + n0, cout, cin - i0, cout - n0);
+}
+
+// out[e] = sum over s (in order) of partial[s, e].
+template <typename Acc>
+__global__ void sum_splits(const Acc* partial, int64_t splits, int64_t size, Acc* out) {
+  const int64_t e = thread_index();
+  if (e >= size) return;
+  Acc sum = 0;
+  for (int64_t s = 0; s < splits; ++s) sum += partial[s * size + e];
+  out[e] = sum;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int64_t kMaxGridYZ = 65535;
+
+ffi::Error GatherMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x,
+                            ffi::AnyBuffer w, ffi::Buffer<ffi::S32> nbr,
+                            ffi::Result<ffi::AnyBuffer> out) {
+  MatmulDims d{};
+  if (auto err = check_gather_matmul(x, w, nbr, *out, &d); err.failure()) return err;
+  if (ceil_div(d.cout, kBN) > kMaxGridYZ) return invalid("gather_matmul: Cout too large for a GPU grid");
+  auto err = dispatch_float(x.element_type(), out->element_type(), "gather_matmul", [&](auto tag) {
+    using T = device_t<decltype(tag)>;
+    using Tile = typename TileFor<T>::type;
+    if (d.rows == 0 || d.cout == 0) return;
+    const dim3 grid(static_cast<unsigned>(ceil_div(d.rows, kBM)),
+                    static_cast<unsigned>(ceil_div(d.cout, kBN)));
+    gather_matmul_kernel<T, Tile><<<grid, kTileThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
+        reinterpret_cast<const T*>(w.untyped_data()), d.K, d.cout,
+        nbr.typed_data(), d.rows,
+        reinterpret_cast<typename Tile::Out*>(out->untyped_data()));
+  });
+  return err.failure() ? err : launch_error("gather_matmul");
+}
+
+// The number of row ranges of the kernel gradient: enough blocks to fill a
+// large GPU, each range at least 256 rows; a function of the shapes only, so
+// results do not depend on the device.
+int64_t grad_splits(int64_t tiles, int64_t K, int64_t rows) {
+  const int64_t want = ceil_div(1024, std::max<int64_t>(tiles * K, 1));
+  return std::clamp<int64_t>(std::min(want, ceil_div(rows, 256)), 1, 64);
+}
+
+ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
+                                ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                                ffi::AnyBuffer g, ffi::Buffer<ffi::S32> nbr,
+                                ffi::Result<ffi::AnyBuffer> dw) {
+  MatmulDims d{};
+  if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, &d); err.failure())
+    return err;
+  if (d.K > kMaxGridYZ) return invalid("gather_matmul_grad: kernel volume too large for a GPU grid");
+  ffi::Error failed = ffi::Error::Success();
+  auto err = dispatch_float(x.element_type(), dw->element_type(), "gather_matmul_grad", [&](auto tag) {
+    using T = device_t<decltype(tag)>;
+    using Tile = typename TileFor<T>::type;
+    using Out = typename Tile::Out;
+    const int64_t size = d.K * d.cin * d.cout;
+    if (size == 0) return;
+    const int64_t col_tiles = ceil_div(d.cout, kBN);
+    const int64_t tiles = ceil_div(d.cin, kBM) * col_tiles;
+    const int64_t splits = grad_splits(tiles, d.K, d.rows);
+    const int64_t rows_per_split = ceil_div(ceil_div(d.rows, splits), kBK) * kBK;
+    Out* result = reinterpret_cast<Out*>(dw->untyped_data());
+    Out* partial = result;
+    if (splits > 1) {
+      failed = allocate(scratch, splits * size, &partial);
+      if (failed.failure()) return;
+    }
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(d.K),
+                    static_cast<unsigned>(splits));
+    gather_matmul_grad_kernel<T, Tile><<<grid, kTileThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
+        reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(),
+        d.rows, d.K, std::max<int64_t>(rows_per_split, kBK), col_tiles, partial);
+    if (splits > 1) launch(stream, size, sum_splits<Out>, partial, splits, size, result);
+  });
+  if (err.failure()) return err;
+  if (failed.failure()) return failed;
+  return launch_error("gather_matmul_grad");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<Stream>()
+                                  .Arg<ffi::AnyBuffer>()          // x
+                                  .Arg<ffi::AnyBuffer>()          // w
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr
+                                  .Ret<ffi::AnyBuffer>());        // out
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<Stream>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()          // x
+                                  .Arg<ffi::AnyBuffer>()          // g
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr
+                                  .Ret<ffi::AnyBuffer>());        // dw
+
+}  // namespace jsc::gpu

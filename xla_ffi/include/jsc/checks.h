@@ -1,0 +1,101 @@
+// Shape and dtype checks of the handler operands, shared by the CPU and CUDA
+// handlers. They read shapes only, never buffer contents (which live in
+// device memory for the CUDA handlers).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "jsc/ffi_util.h"
+#include "jsc/geometry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jsc {
+
+using S32Buffer = ffi::Buffer<ffi::S32>;
+
+// Operands of jsc_build_rulebook: indices [rows, ndim + 1], out_indices
+// [out_capacity, ndim + 1], out_nbr [out_capacity, K], in_nbr [rows, K],
+// needed []. Sets *rows and *out_capacity.
+inline ffi::Error check_rulebook_buffers(const ConvGeometry& g,
+                                         const S32Buffer& indices,
+                                         const S32Buffer& out_indices,
+                                         const S32Buffer& out_nbr,
+                                         const S32Buffer& in_nbr,
+                                         const S32Buffer& needed,
+                                         int64_t* rows, int64_t* out_capacity) {
+  const int64_t cols = g.ndim + 1;
+  const int64_t K = g.kernel_volume();
+  *rows = indices.dimensions().size() == 2 ? indices.dimensions()[0] : -1;
+  if (auto err = check_matrix(indices, "indices", -1, cols); err.failure())
+    return err;
+  *out_capacity =
+      out_nbr.dimensions().size() == 2 ? out_nbr.dimensions()[0] : -1;
+  if (auto err = check_matrix(out_nbr, "out_nbr", -1, K); err.failure())
+    return err;
+  if (auto err = check_matrix(out_indices, "out_indices", *out_capacity, cols);
+      err.failure())
+    return err;
+  if (auto err = check_matrix(in_nbr, "in_nbr", *rows, K); err.failure())
+    return err;
+  if (needed.element_count() != 1) return invalid("needed must be a scalar");
+  if (g.mode == ConvMode::kSubm && *out_capacity != *rows) {
+    return invalid("a submanifold rulebook has out_capacity == capacity");
+  }
+  return ffi::Error::Success();
+}
+
+struct MatmulDims {
+  int64_t n, cin, K, cout, rows;  // x [n, cin], w [K, cin, cout], nbr [rows, K]
+};
+
+// Operands of jsc_gather_matmul: x [N, Cin], w [K, Cin, Cout], nbr [M, K],
+// out [M, Cout] (its dtype is checked by dispatch_float).
+inline ffi::Error check_gather_matmul(const ffi::AnyBuffer& x,
+                                      const ffi::AnyBuffer& w,
+                                      const S32Buffer& nbr,
+                                      const ffi::AnyBuffer& out,
+                                      MatmulDims* d) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), nd = nbr.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || nd.size() != 2) {
+    return invalid("gather_matmul expects x [N, Cin], w [K, Cin, Cout], nbr [M, K]");
+  }
+  *d = {xd[0], xd[1], wd[0], wd[2], nd[0]};
+  if (wd[1] != d->cin || nd[1] != d->K || x.element_type() != w.element_type()) {
+    return invalid("gather_matmul: x, w and nbr disagree on Cin, K or dtype");
+  }
+  return check_matrix(out, "out", d->rows, d->cout);
+}
+
+// Operands of jsc_gather_matmul_grad: x [N, Cin], g [M, Cout], nbr [M, K],
+// dw [K, Cin, Cout].
+inline ffi::Error check_gather_matmul_grad(const ffi::AnyBuffer& x,
+                                           const ffi::AnyBuffer& g,
+                                           const S32Buffer& nbr,
+                                           const ffi::AnyBuffer& dw,
+                                           MatmulDims* d) {
+  const auto xd = x.dimensions(), gd = g.dimensions(), nd = nbr.dimensions();
+  if (xd.size() != 2 || gd.size() != 2 || nd.size() != 2) {
+    return invalid("gather_matmul_grad expects x [N, Cin], g [M, Cout], nbr [M, K]");
+  }
+  *d = {xd[0], xd[1], nd[1], gd[1], nd[0]};
+  if (gd[0] != d->rows || x.element_type() != g.element_type()) {
+    return invalid("gather_matmul_grad: g and nbr disagree on rows, or x and g on dtype");
+  }
+  const auto dd = dw.dimensions();
+  if (dd.size() != 3 || dd[0] != d->K || dd[1] != d->cin || dd[2] != d->cout) {
+    return invalid("gather_matmul_grad: dw must be [K, Cin, Cout]");
+  }
+  return ffi::Error::Success();
+}
+
+// Pooling operands: a table [N, C] and a neighbour map [M, K] into it.
+inline ffi::Error check_pool_shapes(const ffi::AnyBuffer& table,
+                                    const S32Buffer& nbr, const char* what) {
+  if (table.dimensions().size() != 2 || nbr.dimensions().size() != 2) {
+    return invalid(std::string(what) + " expects [N, C] features and a [M, K] neighbour map");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace jsc

@@ -1,0 +1,51 @@
+// What the extension modules _cpu and _cuda share: the list of handlers and
+// the module attributes. Each module defines the handlers of its platform
+// under the same target names.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+#include "xla/ffi/api/c_api.h"
+#include "xla/ffi/api/ffi.h"
+
+// Declares the handler symbols of one platform in the current namespace.
+#define JSC_DECLARE_HANDLERS()                        \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(BuildRulebook);      \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmul);       \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulGrad);   \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherSum);          \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMax);          \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMaxGrad)
+
+// Defines registrations() (target name to handler capsule), ffi_api_version,
+// compiler and version on module m, with the handlers of namespace NS.
+#define JSC_DEFINE_MODULE_ATTRS(m, NS)                                       \
+  do {                                                                       \
+    namespace nb = nanobind;                                                 \
+    m.def("registrations", []() {                                            \
+      nb::dict targets;                                                      \
+      targets["jsc_build_rulebook"] = jsc::handler_capsule(NS::BuildRulebook); \
+      targets["jsc_gather_matmul"] = jsc::handler_capsule(NS::GatherMatmul); \
+      targets["jsc_gather_matmul_grad"] =                                    \
+          jsc::handler_capsule(NS::GatherMatmulGrad);                        \
+      targets["jsc_gather_sum"] = jsc::handler_capsule(NS::GatherSum);       \
+      targets["jsc_gather_max"] = jsc::handler_capsule(NS::GatherMax);       \
+      targets["jsc_gather_max_grad"] = jsc::handler_capsule(NS::GatherMaxGrad); \
+      return targets;                                                        \
+    });                                                                      \
+    m.attr("ffi_api_version") =                                              \
+        nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);                \
+    m.attr("compiler") = __VERSION__;                                        \
+    m.attr("version") = JSC_VERSION;                                         \
+  } while (0)
+
+namespace jsc {
+
+template <typename Fn>
+nanobind::capsule handler_capsule(Fn* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
+                "an XLA FFI handler");
+  return nanobind::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace jsc
