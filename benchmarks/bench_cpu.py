@@ -12,7 +12,10 @@ Inputs: KITTI scans from ../shared/data/kitti voxelized at 0.05 m over their who
 a warm-up, its ratio to spconv measured in the same run, the achieved GFLOP/s
 (2 x pairs x C_in x C_out / time), and the dense matmul rate of XLA for the same
 ``[pairs, C_in] x [C_in, C_out]`` shape. spconv (``pip install spconv==2.3.8 torch==2.13.0``)
-is optional; it runs forward only, since its CPU build has no backward.
+is optional; it runs forward only, since its CPU build has no backward. Each "fwd+bwd" case
+(the gradient of a sum-of-squares loss in features and kernel) also reports its ratio to the
+forward of the same loss, and the SubM cases time the two backward kernels on their own
+("input grad kernel": the forward kernel along the transposed rulebook; "kernel grad kernel").
 
 The network cases run a MinkUNet18-style U-Net (``jax_sparseconv.models.MinkUNet``; its
 spconv twin in ``jax_sparseconv.spconv_reference``): forward in eval mode and a training
@@ -128,6 +131,13 @@ def run_cases(x: jsc.SparseConvTensor, repeats: int) -> list[dict]:
         rows.append(dict(case=case, batch=x.batch_size, impl=impl, ms=seconds * 1e3,
                          gflops=None if flops is None else flops / seconds / 1e9, dense_gflops=dense, **extra))
 
+    def record_fwd_bwd(case, impl, loss, features, kernel, flops, dense=None):
+        """The gradient of ``loss`` in features and kernel, with its ratio to the forward
+        (value) of the same ``loss``: both include the same feature replacement and loss."""
+        forward = median_time(jax_timer(jax.jit(loss), features, kernel), repeats)
+        both = median_time(jax_timer(jax.jit(jax.grad(loss, argnums=(0, 1))), features, kernel), repeats)
+        record(f"{case} fwd+bwd", impl, both, 3 * flops, dense, over_forward=both / forward)
+
     # Rulebook construction (3x3x3 submanifold).
     for backend in backends:
         build = jax.jit(lambda idx, b=backend: jsc.rulebook.build_rulebook(
@@ -144,14 +154,21 @@ def run_cases(x: jsc.SparseConvTensor, repeats: int) -> list[dict]:
         t = cached.replace_feature(jax.random.normal(key, (x.capacity, c)))
         w = jax.random.normal(key, (3, 3, 3, c, c)) / np.sqrt(27 * c)
         flops, dense = 2 * pairs * c * c, dense_matmul_rate(pairs, c, c, repeats)
+        rulebook, g = cached.indice_dict["subm"], jax.random.normal(key, (x.capacity, c))
         for backend in backends:
             fwd = jax.jit(lambda t, w, b=backend: jsc.sparse_conv(t, w, subm=True, indice_key="subm", backend=b).features)
             loss = lambda f, w, b=backend: jnp.sum(jsc.sparse_conv(  # noqa: E731
                 t.replace_feature(f), w, subm=True, indice_key="subm", backend=b).features ** 2)
-            step = jax.jit(jax.grad(loss, argnums=(0, 1)))
             record(f"SubMConv3d 3^3 C={c}", backend, median_time(jax_timer(fwd, t, w), repeats), flops, dense)
-            record(f"SubMConv3d 3^3 C={c} fwd+bwd", backend, median_time(jax_timer(step, t.features, w), repeats),
-                   3 * flops, dense)
+            record_fwd_bwd(f"SubMConv3d 3^3 C={c}", backend, loss, t.features, w, flops, dense)
+            # The two backward kernels alone: the input gradient gathers along the transposed rulebook.
+            impl, k = jsc.backends.get(backend), w.reshape(27, c, c)
+            input_grad = jax.jit(lambda g, k, impl=impl: impl.gather_matmul(g, jnp.swapaxes(k, 1, 2), rulebook.in_nbr))
+            kernel_grad = jax.jit(lambda f, g, impl=impl: impl.gather_matmul_grad(f, g, rulebook.out_nbr))
+            record(f"SubMConv3d 3^3 C={c} input grad kernel", backend,
+                   median_time(jax_timer(input_grad, g, k), repeats), flops, dense)
+            record(f"SubMConv3d 3^3 C={c} kernel grad kernel", backend,
+                   median_time(jax_timer(kernel_grad, t.features, g), repeats), flops, dense)
         if ref:
             layer = spconv.SubMConv3d(c, c, 3, bias=False, indice_key="subm")
             record(f"SubMConv3d 3^3 C={c}", "spconv", median_time(ref.layer(layer, ref.tensor(c)), repeats),
@@ -171,16 +188,14 @@ def run_cases(x: jsc.SparseConvTensor, repeats: int) -> list[dict]:
         record(f"SparseConv3d 3^3 s2 {cin}->{cout}", backend,
                median_time(jax_timer(lambda *a: down(*a).features, t, w_down), repeats), 2 * down_pairs * cin * cout)
         down_loss = lambda f, w, b=backend: jnp.sum(down(t.replace_feature(f), w).features ** 2)  # noqa: E731
-        record(f"SparseConv3d 3^3 s2 {cin}->{cout} fwd+bwd", backend,
-               median_time(jax_timer(jax.jit(jax.grad(down_loss, argnums=(0, 1))), t.features, w_down), repeats),
-               6 * down_pairs * cin * cout)
+        record_fwd_bwd(f"SparseConv3d 3^3 s2 {cin}->{cout}", backend, down_loss, t.features, w_down,
+                       2 * down_pairs * cin * cout)
         up = jax.jit(lambda y, w, b=backend: jsc.sparse_conv(y, w, inverse=True, indice_key="down", backend=b).features)
         record(f"SparseInverseConv3d 3^3 {cout}->{cin}", backend, median_time(jax_timer(up, y, w_up), repeats),
                2 * down_pairs * cin * cout)
         up_loss = lambda f, w, b=backend: jnp.sum(up(y.replace_feature(f), w) ** 2)  # noqa: E731
-        record(f"SparseInverseConv3d 3^3 {cout}->{cin} fwd+bwd", backend,
-               median_time(jax_timer(jax.jit(jax.grad(up_loss, argnums=(0, 1))), y.features, w_up), repeats),
-               6 * down_pairs * cin * cout)
+        record_fwd_bwd(f"SparseInverseConv3d 3^3 {cout}->{cin}", backend, up_loss, y.features, w_up,
+                       2 * down_pairs * cin * cout)
     if ref:
         st = ref.tensor(cin)
         layer = spconv.SparseConv3d(cin, cout, 3, 2, 1, bias=False, indice_key="down")
@@ -314,13 +329,14 @@ def markdown_table(rows: list[dict]) -> str:
     by_impl = {(r["case"], r["batch"], r["impl"]): r for r in rows}
     cases = list(dict.fromkeys((r["case"], r["batch"]) for r in rows))
     num = lambda v, digits=1: "" if v is None else f"{v:.{digits}f}"  # noqa: E731
-    lines = ["| case | B | ffi ms | xla ms | spconv ms | ffi / spconv | xla / ffi | ffi GFLOP/s | XLA dense matmul GFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | B | ffi ms | xla ms | spconv ms | ffi / spconv | xla / ffi | ffi fwd+bwd / its fwd "
+             "| ffi GFLOP/s | XLA dense matmul GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for case, batch in cases:
         ffi, xla, ref = (by_impl.get((case, batch, impl)) for impl in ("ffi", "xla", "spconv"))
         lines.append(f"| {case} | {batch} | {num(ffi['ms'])} | {num(xla['ms'])} | {num(ref and ref['ms'])} | "
-                     f"{num(ffi['vs_spconv'], 2)} | {num(xla['xla_over_ffi'])} | {num(ffi['gflops'])} | "
-                     f"{num(ffi['dense_gflops'])} |")
+                     f"{num(ffi['vs_spconv'], 2)} | {num(xla['xla_over_ffi'])} | {num(ffi.get('over_forward'), 2)} | "
+                     f"{num(ffi['gflops'])} | {num(ffi['dense_gflops'])} |")
     return "\n".join(lines)
 
 

@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
 
     losses, keys = [], jax.random.split(jax.random.key(args.seed + 1), args.steps)
     start = time.perf_counter()
-    with tqdm(range(args.steps), desc="training", unit="step") as progress:
+    with tqdm(range(args.steps), desc="training", unit="step", disable=None) as progress:  # no bar off a terminal
         for i in progress:
             params, batch_stats, opt_state, loss, overflow = step(params, batch_stats, opt_state, points_d, labels_d,
                                                                   keys[i])

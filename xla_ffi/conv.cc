@@ -14,6 +14,7 @@
 #include "jsc/ffi_util.h"
 #include "jsc/gather.h"
 #include "jsc/parallel.h"
+#include "jsc/signatures.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jsc {
@@ -238,19 +239,9 @@ ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // x
-                                  .Arg<ffi::AnyBuffer>()          // w
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr
-                                  .Ret<ffi::AnyBuffer>());        // out
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // x
-                                  .Arg<ffi::AnyBuffer>()          // g
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr
-                                  .Ret<ffi::AnyBuffer>());        // dw
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 }  // namespace jsc

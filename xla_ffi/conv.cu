@@ -22,6 +22,7 @@
 #include "jsc/cuda_util.h"
 #include "jsc/dtype.h"
 #include "jsc/ffi_util.h"
+#include "jsc/signatures.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -298,20 +299,11 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<Stream>()
-                                  .Arg<ffi::AnyBuffer>()          // x
-                                  .Arg<ffi::AnyBuffer>()          // w
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr
-                                  .Ret<ffi::AnyBuffer>());        // out
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<Stream>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<Stream>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()          // x
-                                  .Arg<ffi::AnyBuffer>()          // g
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr
-                                  .Ret<ffi::AnyBuffer>());        // dw
+                              signature::gather_matmul(ffi::Ffi::Bind()
+                                                       .Ctx<Stream>()
+                                                       .Ctx<ffi::ScratchAllocator>()));
 
 }  // namespace jsc::gpu

@@ -12,6 +12,7 @@
 #include "jsc/ffi_util.h"
 #include "jsc/gather.h"
 #include "jsc/parallel.h"
+#include "jsc/signatures.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jsc {
@@ -134,26 +135,12 @@ ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherSum, GatherSumImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // x [N, C]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr [M, K]
-                                  .Ret<ffi::AnyBuffer>());        // out [M, C]
+                              signature::gather_sum(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMax, GatherMaxImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // x [N, C]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr [M, K]
-                                  .Ret<ffi::AnyBuffer>()          // out [M, C]
-                                  .Ret<ffi::Buffer<ffi::S32>>()); // argk [M, C]
+                              signature::gather_max(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMaxGrad, GatherMaxGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // g [M, C]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // argk [M, C]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // in_nbr [N, K]
-                                  .Ret<ffi::AnyBuffer>());        // dx [N, C]
+                              signature::gather_max_grad(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 }  // namespace jsc

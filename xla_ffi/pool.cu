@@ -11,6 +11,7 @@
 #include "jsc/cuda_util.h"
 #include "jsc/dtype.h"
 #include "jsc/ffi_util.h"
+#include "jsc/signatures.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jsc::gpu {
@@ -130,26 +131,12 @@ ffi::Error GatherMaxGradImpl(cudaStream_t stream, ffi::AnyBuffer g, S32 argk,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherSum, GatherSumImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<Stream>()
-                                  .Arg<ffi::AnyBuffer>()          // x [N, C]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr [M, K]
-                                  .Ret<ffi::AnyBuffer>());        // out [M, C]
+                              signature::gather_sum(ffi::Ffi::Bind().Ctx<Stream>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMax, GatherMaxImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<Stream>()
-                                  .Arg<ffi::AnyBuffer>()          // x [N, C]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // nbr [M, K]
-                                  .Ret<ffi::AnyBuffer>()          // out [M, C]
-                                  .Ret<ffi::Buffer<ffi::S32>>()); // argk [M, C]
+                              signature::gather_max(ffi::Ffi::Bind().Ctx<Stream>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMaxGrad, GatherMaxGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<Stream>()
-                                  .Arg<ffi::AnyBuffer>()          // g [M, C]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // argk [M, C]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // in_nbr [N, K]
-                                  .Ret<ffi::AnyBuffer>());        // dx [N, C]
+                              signature::gather_max_grad(ffi::Ffi::Bind().Ctx<Stream>()));
 
 }  // namespace jsc::gpu

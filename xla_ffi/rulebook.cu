@@ -23,6 +23,7 @@
 #include "jsc/ffi_util.h"
 #include "jsc/geometry.h"
 #include "jsc/hash_table.h"
+#include "jsc/signatures.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jsc::gpu {
@@ -277,21 +278,8 @@ ffi::Error BuildRulebookImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebook, BuildRulebookImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<Stream>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<S32>()     // indices [rows, ndim + 1]
-                                  .Ret<S32>()     // out_indices
-                                  .Ret<S32>()     // out_nbr [out_capacity, K]
-                                  .Ret<S32>()     // in_nbr [rows, K]
-                                  .Ret<S32>()     // needed []
-                                  .Attr<int64_t>("mode")
-                                  .Attr<int64_t>("batch_size")
-                                  .Attr<ffi::Span<const int64_t>>("in_shape")
-                                  .Attr<ffi::Span<const int64_t>>("out_shape")
-                                  .Attr<ffi::Span<const int64_t>>("kernel_size")
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding")
-                                  .Attr<ffi::Span<const int64_t>>("dilation"));
+                              signature::build_rulebook(ffi::Ffi::Bind()
+                                                        .Ctx<Stream>()
+                                                        .Ctx<ffi::ScratchAllocator>()));
 
 }  // namespace jsc::gpu
