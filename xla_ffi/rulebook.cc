@@ -142,9 +142,10 @@ ffi::Error build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
 
 // Regular and transposed: output sites are every site some input reaches,
 // numbered in sorted (batch, coords) order. Sites past out_capacity are
-// counted but not stored.
+// counted but not stored. `active`: the rows that hold a site (the rest are
+// padding).
 ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
-                            const int32_t* indices, int64_t rows,
+                            const int32_t* indices, int64_t rows, int64_t active,
                             int32_t* out_indices, int64_t out_capacity,
                             int32_t* out_nbr, int32_t* in_nbr,
                             int32_t* needed) {
@@ -168,8 +169,9 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
 
   // Distinct output sites, inserted concurrently; a table that gets over a
   // quarter full is rebuilt four times larger (the key set is the same for
-  // any interleaving, and ranks come from sorting it).
-  int64_t expected = std::max<int64_t>(2 * rows, 1);
+  // any interleaving, and ranks come from sorting it). Sized by the active
+  // rows, not the capacity, so padding rows cost nothing here.
+  int64_t expected = std::max<int64_t>(2 * active, 1);
   std::vector<Slot> slots;
   HashTableView seen;
   while (true) {
@@ -237,7 +239,7 @@ ffi::Error BuildRulebookImpl(ffi::ThreadPool pool, S32 indices,
     return err;
   }
   const int64_t cols = g.ndim + 1;
-  int64_t rows, out_capacity;
+  int64_t rows = 0, out_capacity = 0;
   if (auto err = check_rulebook_buffers(g, indices, *out_indices, *out_nbr,
                                         *in_nbr, *needed, &rows, &out_capacity);
       err.failure())
@@ -245,16 +247,16 @@ ffi::Error BuildRulebookImpl(ffi::ThreadPool pool, S32 indices,
   if (auto err = check_sites(g, indices.typed_data(), rows); err.failure())
     return err;
 
+  int64_t active = 0;
+  for (int64_t r = 0; r < rows; ++r) active += indices.typed_data()[r * cols] >= 0;
   if (g.mode == ConvMode::kSubm) {
     std::copy(indices.typed_data(), indices.typed_data() + rows * cols,
               out_indices->typed_data());
-    int64_t active = 0;
-    for (int64_t r = 0; r < rows; ++r) active += indices.typed_data()[r * cols] >= 0;
     needed->typed_data()[0] = static_cast<int32_t>(active);
     return build_subm(pool, g, indices.typed_data(), rows,
                       out_nbr->typed_data(), in_nbr->typed_data());
   }
-  return build_generative(pool, g, indices.typed_data(), rows,
+  return build_generative(pool, g, indices.typed_data(), rows, active,
                           out_indices->typed_data(), out_capacity,
                           out_nbr->typed_data(), in_nbr->typed_data(),
                           needed->typed_data());
