@@ -47,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=pathlib.Path, default=DATA, help="folder with the .bin, label and calib files")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls after the compiling one")
     parser.add_argument("--max-voxels", type=int, default=48_000,
-                        help="voxel capacity per scan (OpenPCDet: 40000, which these scans exceed: 41,296 for 000000)")
+                        help="voxel capacity per scan (OpenPCDet: 40000, which these scans exceed: 41,281 for 000000)")
     parser.add_argument("--checkpoint", type=pathlib.Path, help="an OpenPCDet checkpoint to load backbone_3d from")
     parser.add_argument("--backend", choices=["ffi", "xla"], default=None,
                         help="default: ffi where compiled for the CPU, else xla")
