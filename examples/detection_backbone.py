@@ -68,13 +68,18 @@ def load_backbone_checkpoint(path: pathlib.Path, variables):
     return jsc.convert.from_spconv(backbone, variables)
 
 
+def voxel_tensor(scans, max_voxels: int):
+    """``scans``: a list of ``[N_i, 4]`` point arrays -> (the backbone's input tensor, voxels)."""
+    voxels = [jsc.voxelize(points, VOXEL_SIZE, utils.KITTI_RANGE, max_voxels, max_points_per_voxel=5)
+              for points in scans]
+    return jsc.voxels.to_tensor(voxels, spatial_shape=GRID), voxels
+
+
 def make_forward(model, max_voxels: int):
     @jax.jit
     def forward(variables, scans):
-        """``scans``: a list of ``[N_i, 4]`` point arrays -> (BEV map, conv_out tensor)."""
-        voxels = [jsc.voxelize(points, VOXEL_SIZE, utils.KITTI_RANGE, max_voxels, max_points_per_voxel=5)
-                  for points in scans]
-        x = jsc.voxels.to_tensor(voxels, spatial_shape=GRID)
+        """``scans``: a list of ``[N_i, 4]`` point arrays -> (BEV map, conv_out tensor, voxel counts)."""
+        x, voxels = voxel_tensor(scans, max_voxels)
         out = model.apply(variables, x)
         return models.bev_features(out), out, [v.num_voxels for v in voxels]
 
@@ -146,8 +151,7 @@ def main(argv=None) -> dict:
 
     model = models.VoxelBackBone8x(backend=args.backend)
     forward = make_forward(model, args.max_voxels)
-    variables = jax.jit(lambda key, points: model.init(key, jsc.voxels.to_tensor(
-        jsc.voxelize(points, VOXEL_SIZE, utils.KITTI_RANGE, args.max_voxels, 5), spatial_shape=GRID)))(
+    variables = jax.jit(lambda key, scan: model.init(key, voxel_tensor([scan], args.max_voxels)[0]))(
         jax.random.key(0), padded(points[0]))
     if args.checkpoint:
         variables = load_backbone_checkpoint(args.checkpoint, variables)

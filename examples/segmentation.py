@@ -74,7 +74,7 @@ def augment(points: jax.Array, key: jax.Array) -> jax.Array:
 def voxelize_scan(points, labels, voxel_size: float, max_voxels: int):
     """Points -> (tensor with position features, voxel labels, voxels), jit-able."""
     voxels = jsc.voxelize(points, voxel_size, RANGE, max_voxels)
-    features = jnp.where((voxels.num_points > 0)[:, None], utils.position_features(voxels.features, CENTRE), 0)
+    features = utils.position_features(voxels.features, CENTRE)  # to_tensor zeroes the padding rows
     return jsc.voxels.to_tensor(voxels, features), jsc.voxels.majority_labels(voxels, labels, len(CLASSES)), voxels
 
 

@@ -26,7 +26,8 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
     __version__ = "0+source"
 
 __all__ = [
-    "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "build_info", "capacity_bucket",
-    "check_overflow", "checkify_overflow", "convert", "from_numpy", "functional", "global_avg_pool", "pcd", "utils", "global_max_pool", "make_geometry",
-    "sparse_avg_pool", "sparse_conv", "sparse_max_pool", "Voxels", "voxelize", "voxels",
+    "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "Voxels", "build_info",
+    "capacity_bucket", "check_overflow", "checkify_overflow", "convert", "from_numpy", "functional",
+    "global_avg_pool", "global_max_pool", "make_geometry", "pcd", "sparse_avg_pool", "sparse_conv",
+    "sparse_max_pool", "utils", "voxelize", "voxels",
 ]

@@ -58,12 +58,11 @@ def load_kitti_boxes(label_path: str | os.PathLike, calib_path: str | os.PathLik
     bottom_centre = rows[:, 3:6]
     centre_rect = bottom_centre - np.stack([np.zeros_like(h), h / 2, np.zeros_like(h)], axis=1)  # camera y points down
     calib = read_kitti_calib(calib_path)
-    velo_to_rect = np.eye(4)
-    velo_to_rect[:3, :3] = calib["R0_rect"]
+    rectify = np.eye(4)
+    rectify[:3, :3] = calib["R0_rect"]
     velo_to_cam = np.eye(4)
     velo_to_cam[:3] = calib["Tr_velo_to_cam"]
-    velo_to_rect = velo_to_rect @ velo_to_cam
-    centre = np.linalg.solve(velo_to_rect, np.concatenate([centre_rect, np.ones((len(h), 1))], axis=1).T).T[:, :3]
+    centre = np.linalg.solve(rectify @ velo_to_cam, np.concatenate([centre_rect, np.ones((len(h), 1))], axis=1).T).T[:, :3]
     return names, np.concatenate([centre, np.stack([l, w, h, -ry - np.pi / 2], axis=1)], axis=1)
 
 

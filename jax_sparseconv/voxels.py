@@ -145,7 +145,8 @@ def to_tensor(voxels: Voxels | Sequence[Voxels], features: jax.Array | Sequence[
               spatial_shape: Sequence[int] | None = None) -> SparseConvTensor:
     """One SparseConvTensor of several voxelized scans (batch item ``i`` = scan ``i``).
 
-    ``features`` replaces the voxels' own features (one ``[max_voxels, C]`` array per scan).
+    ``features`` replaces the voxels' own features (one ``[max_voxels, C]`` array per scan;
+    its padding rows are zeroed, as ``SparseConvTensor.replace_feature`` does).
     ``spatial_shape`` places the voxels in a larger grid than their own (OpenPCDet's
     backbones take KITTI's ``(40, 1600, 1408)`` voxel grid as ``(41, 1600, 1408)``).
     The rows of scan ``i`` follow those of scan ``i - 1``; overflow records carry over.
@@ -155,6 +156,7 @@ def to_tensor(voxels: Voxels | Sequence[Voxels], features: jax.Array | Sequence[
         features = [v.features for v in voxels]
     elif not isinstance(features, (list, tuple)):
         features = [features]
+    features = [jnp.where((v.num_points > 0)[:, None], f, 0) for v, f in zip(voxels, features)]
     shapes = {v.spatial_shape for v in voxels}
     if len(shapes) != 1:
         raise ValueError(f"scans voxelized on different grids: {sorted(shapes)}")

@@ -113,3 +113,5 @@ def test_to_tensor_in_a_larger_grid(rng):
     np.testing.assert_array_equal(x.indices[:, 1:], v.coords)
     with pytest.raises(ValueError, match="does not hold the voxel grid"):
         V.to_tensor(v, spatial_shape=(4, 11, 16))
+    ones = V.to_tensor(v, jnp.ones((800, 2)))  # given features: zero on the padding rows
+    np.testing.assert_array_equal(ones.features[:, 0], np.asarray(v.num_points) > 0)
