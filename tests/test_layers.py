@@ -27,9 +27,10 @@ CONVS = {  # layer name -> functional keyword arguments that select the op
 
 
 def _layer_args(name, ndim):
-    """Geometry arguments of the layer (a float out_capacity is a multiple of the input's)."""
+    """Geometry arguments of the layer (a float out_capacity is a multiple of the input's;
+    the strided convs reach at most 2 outputs per input and dim, more than the input holds)."""
     return {"SubMConv": dict(kernel_size=3, kernel_dilation=2),
-            "SparseConv": dict(kernel_size=3, strides=2, padding=1),
+            "SparseConv": dict(kernel_size=3, strides=2, padding=1, out_capacity=2.0 ** ndim),
             "SparseConvTranspose": dict(kernel_size=2, strides=2, out_capacity=2.0 ** ndim),
             "SparseInverseConv": dict(kernel_size=3, indice_key="down")}[name]
 
@@ -48,12 +49,14 @@ def _input(rng, name, ndim):
 
 def _functional_kwargs(name, args, x):
     kw = dict(CONVS[name])
+    if "out_capacity" in args:
+        kw.update(out_capacity=int(args["out_capacity"] * x.capacity))
     if name == "SubMConv":
         kw.update(dilation=args["kernel_dilation"])
     elif name == "SparseConv":
         kw.update(strides=args["strides"], padding=args["padding"])
     elif name == "SparseConvTranspose":
-        kw.update(strides=args["strides"], out_capacity=int(args["out_capacity"] * x.capacity))
+        kw.update(strides=args["strides"])
     else:
         kw.update(indice_key="down")
     return kw
