@@ -1,18 +1,24 @@
 // Rulebook construction on the CPU: which input row meets which output row
 // through which kernel offset, as two neighbour maps (see rulebook.py).
-// Input sites go into a hash table of 64-bit keys; look-ups run in parallel
-// row tiles, each writing only its own rows, so results do not depend on the
+// Sites are linearised into 64-bit keys and sorted (a radix sort; inputs
+// already in (batch, coords) order, as voxelizers and strided convs leave
+// them, are only checked). For a fixed kernel offset, the input site that an
+// output reads moves forward through the sorted input keys as the outputs
+// do, so the look-ups of each offset are one forward walk through a sorted
+// array instead of random hash probes. Work is split into tiles of output
+// rows, each writing only its own rows, so results do not depend on the
 // number of threads.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "jsc/checks.h"
 #include "jsc/ffi_util.h"
 #include "jsc/geometry.h"
-#include "jsc/hash_table.h"
 #include "jsc/parallel.h"
 #include "jsc/signatures.h"
 #include "xla/ffi/api/ffi.h"
@@ -25,52 +31,40 @@ using S32Result = ffi::ResultBuffer<ffi::S32>;
 
 constexpr int64_t kTileRows = 2048;  // rows per parallel task
 
-// The active input sites as a hash set of row numbers keyed by their site.
-// A slot holds only a row (4 bytes; keys are recomputed from `indices`), so
-// the table of a whole scan stays in the L2 cache during the look-ups.
-class RowTable {
- public:
-  RowTable(const ConvGeometry& g, const int32_t* indices, int64_t rows)
-      : g_(g), indices_(indices), slots_(hash_table_size(rows), -1),
-        mask_(static_cast<uint64_t>(slots_.size() - 1)) {}
-
-  // Inserts `row`; returns the row already holding its site, or -1.
-  int32_t insert(int32_t row) {
-    const int64_t key = key_of(row);
-    for (uint64_t slot = home_slot(key) & mask_;; slot = (slot + 1) & mask_) {
-      if (slots_[slot] < 0) {
-        slots_[slot] = row;
-        return -1;
-      }
-      if (key_of(slots_[slot]) == key) return slots_[slot];
+// Sorts `keys` (all >= 0) ascending with a stable least-significant-digit
+// radix sort, permuting `rows` (if given) alike.
+void radix_sort(std::vector<int64_t>* keys, std::vector<int32_t>* rows) {
+  constexpr int kDigitBits = 11;
+  constexpr int64_t kDigits = int64_t{1} << kDigitBits;
+  const int64_t n = static_cast<int64_t>(keys->size());
+  const int64_t max_key =
+      n == 0 ? 0 : *std::max_element(keys->begin(), keys->end());
+  std::vector<int64_t> sorted_keys(n);
+  std::vector<int32_t> sorted_rows(rows ? n : 0);
+  std::vector<int64_t> start(kDigits);
+  for (int shift = 0; shift < 63 && (max_key >> shift) > 0; shift += kDigitBits) {
+    auto digit = [&](int64_t key) { return (key >> shift) & (kDigits - 1); };
+    std::fill(start.begin(), start.end(), 0);
+    for (const int64_t key : *keys) ++start[digit(key)];
+    int64_t sum = 0;
+    for (int64_t& s : start) sum += std::exchange(s, sum);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t to = start[digit((*keys)[i])]++;
+      sorted_keys[to] = (*keys)[i];
+      if (rows) sorted_rows[to] = (*rows)[i];
     }
+    keys->swap(sorted_keys);
+    if (rows) rows->swap(sorted_rows);
   }
-
-  // The row holding the site `key`, or -1.
-  int32_t find(int64_t key) const {
-    for (uint64_t slot = home_slot(key) & mask_;; slot = (slot + 1) & mask_) {
-      if (slots_[slot] < 0 || key_of(slots_[slot]) == key) return slots_[slot];
-    }
-  }
-
- private:
-  int64_t key_of(int32_t row) const {
-    return input_key(g_, indices_ + static_cast<int64_t>(row) * (g_.ndim + 1));
-  }
-
-  const ConvGeometry& g_;
-  const int32_t* indices_;
-  std::vector<int32_t> slots_;
-  uint64_t mask_;
-};
-
-// Kernel offsets unravelled once: offsets[k * ndim + d].
-std::vector<int64_t> offset_table(const ConvGeometry& g) {
-  const int64_t K = g.kernel_volume();
-  std::vector<int64_t> offsets(K * g.ndim);
-  for (int64_t k = 0; k < K; ++k) unravel_offset(g, k, offsets.data() + k * g.ndim);
-  return offsets;
 }
+
+// The active input sites in ascending key order (keys over (batch_size,
+// *in_shape)), followed by one sentinel key larger than any site's.
+struct SortedSites {
+  std::vector<int64_t> keys;
+  std::vector<int32_t> rows;
+  int64_t size() const { return static_cast<int64_t>(rows.size()); }
+};
 
 std::string describe_row(const int32_t* row, int ndim) {
   std::string s = "(";
@@ -95,130 +89,235 @@ ffi::Error check_sites(const ConvGeometry& g, const int32_t* indices,
   return ffi::Error::Success();
 }
 
-// Inserts every active row into `table`; rejects duplicate sites.
-ffi::Error index_sites(const ConvGeometry& g, const int32_t* indices,
-                       int64_t rows, RowTable* table) {
+// Sorts the active rows of `indices` by site; rejects duplicate sites.
+ffi::Error sort_sites(const ConvGeometry& g, const int32_t* indices,
+                      int64_t rows, SortedSites* sites) {
   const int cols = g.ndim + 1;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* row = indices + r * cols;
     if (row[0] < 0) continue;
-    const int32_t first = table->insert(static_cast<int32_t>(r));
-    if (first >= 0) {
-      return invalid("duplicate site " + describe_row(row, g.ndim) +
-                     " at indices rows " + std::to_string(first) + " and " +
-                     std::to_string(r));
+    sites->keys.push_back(input_key(g, row));
+    sites->rows.push_back(static_cast<int32_t>(r));
+  }
+  auto& keys = sites->keys;
+  if (std::adjacent_find(keys.begin(), keys.end(), std::greater_equal<>()) !=
+      keys.end()) {
+    radix_sort(&keys, &sites->rows);
+    const auto same = std::adjacent_find(keys.begin(), keys.end());
+    if (same != keys.end()) {
+      const int64_t i = same - keys.begin();
+      return invalid("duplicate site " +
+                     describe_row(indices + sites->rows[i] * cols, g.ndim) +
+                     " at indices rows " + std::to_string(sites->rows[i]) +
+                     " and " + std::to_string(sites->rows[i + 1]));
     }
   }
+  keys.push_back(std::numeric_limits<int64_t>::max());
   return ffi::Error::Success();
 }
 
-// Submanifold: output rows are the input rows. in_nbr[i, k] is the row at
-// the site that row i reaches through offset k; out_nbr is in_nbr with the
-// offsets reversed, since the offsets are symmetric about the centre.
-ffi::Error build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
-                      const int32_t* indices, int64_t rows, int32_t* out_nbr,
-                      int32_t* in_nbr) {
-  const int cols = g.ndim + 1;
-  const int64_t K = g.kernel_volume();
-  RowTable table(g, indices, rows);
-  if (auto err = index_sites(g, indices, rows, &table); err.failure()) return err;
-  const std::vector<int64_t> offsets = offset_table(g);
-  parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
-    const int32_t* row = indices + r * cols;
-    int32_t* in_row = in_nbr + r * K;
-    int32_t* out_row = out_nbr + r * K;
-    for (int64_t k = 0; k < K; ++k) {
-      int32_t j = -1;
-      if (row[0] >= 0) {
-        const int64_t key = reached_key(g, row, offsets.data() + k * g.ndim);
-        if (key >= 0) j = table.find(key);
+// The sites of the other grid that one site meets through the kernel,
+// found dimension by dimension: along dim d, the kernel offsets that lead
+// inside the other grid and the coordinates they lead to. Those along the
+// last dim are in ascending coordinate order, so each combination of the
+// other dims' offsets (a "line") gives a short run of ascending keys.
+class Reach {
+ public:
+  explicit Reach(const ConvGeometry& g) : g_(g) {
+    for (int d = 0; d < g.ndim; ++d) {
+      offset_[d].resize(g.kernel[d]);
+      coord_[d].resize(g.kernel[d]);
+    }
+  }
+
+  // Number of lines: the kernel volume over the last dim's kernel size.
+  int64_t lines() const { return g_.kernel_volume() / g_.kernel[g_.ndim - 1]; }
+
+  // The sites that the indices row `row` reaches (outputs) or reads (inputs).
+  template <bool kReadsInputs>
+  void find(const int32_t* row) {
+    for (int d = 0; d < g_.ndim; ++d) {
+      count_[d] = 0;
+      for (int64_t o = 0; o < g_.kernel[d]; ++o) {
+        const int64_t c = kReadsInputs ? input_coord(g_, d, row[d + 1], o)
+                                       : output_coord(g_, d, row[d + 1], o);
+        if (c < 0) continue;
+        offset_[d][count_[d]] = o;
+        coord_[d][count_[d]++] = c;
       }
-      in_row[k] = j;
-      out_row[K - 1 - k] = j;
+    }
+    const int last = g_.ndim - 1;
+    if (count_[last] > 1 && coord_[last][0] > coord_[last][1]) {
+      std::reverse(offset_[last].begin(), offset_[last].begin() + count_[last]);
+      std::reverse(coord_[last].begin(), coord_[last].begin() + count_[last]);
+    }
+    batch_ = row[0];
+  }
+
+  // Calls fn(line, k, key) for every site found, line by line, with keys
+  // over (batch_size, *shape) ascending within a line, until fn returns
+  // false.
+  template <typename Fn>
+  void for_each(const int64_t* shape, Fn fn) const {
+    for_each_line<0>(0, batch_, shape, fn);
+  }
+
+ private:
+  template <int D, typename Fn>
+  bool for_each_line(int64_t line, int64_t prefix, const int64_t* shape,
+                     Fn& fn) const {
+    if (D == g_.ndim - 1) {
+      for (int i = 0; i < count_[D]; ++i) {
+        if (!fn(line, line * g_.kernel[D] + offset_[D][i],
+                prefix * shape[D] + coord_[D][i]))
+          return false;
+      }
+      return true;
+    }
+    if constexpr (D + 1 < kMaxDims) {
+      for (int i = 0; i < count_[D]; ++i) {
+        if (!for_each_line<D + 1>(line * g_.kernel[D] + offset_[D][i],
+                                  prefix * shape[D] + coord_[D][i], shape, fn))
+          return false;
+      }
+    }
+    return true;
+  }
+
+  const ConvGeometry& g_;
+  int64_t batch_ = 0;
+  int count_[kMaxDims] = {};
+  std::vector<int64_t> offset_[kMaxDims], coord_[kMaxDims];
+};
+
+// Sets `count` rows of `K` entries each to -1, in parallel.
+void clear_rows(ffi::ThreadPool& pool, int32_t* data, int64_t count, int64_t K) {
+  parallel_for(pool, (count + kTileRows - 1) / kTileRows, [&](int64_t tile) {
+    const int64_t end = std::min(count, (tile + 1) * kTileRows);
+    std::fill(data + tile * kTileRows * K, data + end * K, -1);
+  });
+}
+
+// For `count` output rows q of `out_indices`, taken in ascending site order
+// (q = order[p], or p where order is null), calls found(q, k, row) for every
+// kernel offset k <= last_k through which q reads an input site, with that
+// site's row in `inputs`. Each q is handled by one task, in a fixed order.
+template <typename Found>
+void search_inputs(ffi::ThreadPool& pool, const ConvGeometry& g,
+                   const int32_t* out_indices, const int32_t* order,
+                   int64_t count, const SortedSites& inputs, int64_t last_k,
+                   Found found) {
+  const int cols = g.ndim + 1;
+  const int64_t* keys = inputs.keys.data();
+  const int64_t num_keys = static_cast<int64_t>(inputs.keys.size());
+  parallel_for(pool, (count + kTileRows - 1) / kTileRows, [&](int64_t tile) {
+    Reach reach(g);
+    // cursor[line]: the first key >= the line's first key of the last output
+    // row searched. Outputs and so lines move forward through the sorted
+    // keys; a step back (never taken by the geometries here) restarts the
+    // search.
+    std::vector<int64_t> cursor(reach.lines(), -1);
+    const int64_t end = std::min(count, (tile + 1) * kTileRows);
+    for (int64_t p = tile * kTileRows; p < end; ++p) {
+      const int64_t q = order ? order[p] : p;
+      reach.find<true>(out_indices + q * cols);
+      int64_t current_line = -1, at = 0;
+      reach.for_each(g.in_shape, [&](int64_t line, int64_t k, int64_t key) {
+        if (k > last_k) return false;
+        if (line != current_line) {  // the first, smallest key of a line
+          current_line = line;
+          int64_t& c = cursor[line];
+          if (c < 0 || (c > 0 && keys[c - 1] >= key)) {
+            c = std::lower_bound(keys, keys + num_keys, key) - keys;
+          } else {
+            while (keys[c] < key) ++c;  // the sentinel key stops it
+          }
+          at = c;
+        }
+        while (keys[at] < key) ++at;
+        if (keys[at] == key) found(q, k, inputs.rows[at]);
+        return true;
+      });
     }
   });
-  return ffi::Error::Success();
+}
+
+// Submanifold: output rows are the input rows, and offsets are symmetric
+// about the centre: q reads row j through k exactly when j reads q through
+// K - 1 - k. So only the offsets up to the centre are searched, and each
+// pair found fills four entries: out_nbr[q, k] = in_nbr[q, K - 1 - k] = j and
+// out_nbr[j, K - 1 - k] = in_nbr[j, k] = q. Each entry is written by one task.
+void build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
+                const int32_t* indices, int64_t rows,
+                const SortedSites& inputs, int32_t* out_nbr, int32_t* in_nbr) {
+  const int64_t K = g.kernel_volume();
+  clear_rows(pool, out_nbr, rows, K);
+  clear_rows(pool, in_nbr, rows, K);
+  search_inputs(pool, g, indices, inputs.rows.data(), inputs.size(), inputs,
+                K / 2, [&](int64_t q, int64_t k, int32_t j) {
+                  out_nbr[q * K + k] = in_nbr[q * K + K - 1 - k] = j;
+                  out_nbr[j * K + K - 1 - k] = in_nbr[j * K + k] =
+                      static_cast<int32_t>(q);
+                });
+}
+
+// Every output site that some active input reaches, as ascending keys over
+// (batch_size, *out_shape), each once.
+std::vector<int64_t> reached_sites(ffi::ThreadPool& pool, const ConvGeometry& g,
+                                   const int32_t* indices,
+                                   const SortedSites& inputs) {
+  const int cols = g.ndim + 1;
+  const int64_t tiles = (inputs.size() + kTileRows - 1) / kTileRows;
+  std::vector<std::vector<int64_t>> reached(tiles);
+  parallel_for(pool, tiles, [&](int64_t tile) {
+    Reach reach(g);
+    const int64_t end = std::min(inputs.size(), (tile + 1) * kTileRows);
+    for (int64_t p = tile * kTileRows; p < end; ++p) {
+      reach.find<false>(indices + int64_t{inputs.rows[p]} * cols);
+      reach.for_each(g.out_shape, [&](int64_t, int64_t, int64_t key) {
+        reached[tile].push_back(key);
+        return true;
+      });
+    }
+  });
+  std::vector<int64_t> keys;
+  for (const auto& tile_keys : reached) {
+    keys.insert(keys.end(), tile_keys.begin(), tile_keys.end());
+  }
+  radix_sort(&keys, nullptr);
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  return keys;
 }
 
 // Regular and transposed: output sites are every site some input reaches,
 // numbered in sorted (batch, coords) order. Sites past out_capacity are
-// counted but not stored. `active`: the rows that hold a site (the rest are
-// padding).
+// counted but not stored.
 ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
-                            const int32_t* indices, int64_t rows, int64_t active,
-                            int32_t* out_indices, int64_t out_capacity,
-                            int32_t* out_nbr, int32_t* in_nbr,
-                            int32_t* needed) {
+                            const int32_t* indices, int64_t rows,
+                            const SortedSites& inputs, int32_t* out_indices,
+                            int64_t out_capacity, int32_t* out_nbr,
+                            int32_t* in_nbr, int32_t* needed) {
   const int cols = g.ndim + 1;
   const int64_t K = g.kernel_volume();
-  {
-    RowTable inputs(g, indices, rows);
-    if (auto err = index_sites(g, indices, rows, &inputs); err.failure())
-      return err;
-  }
-  const std::vector<int64_t> offsets = offset_table(g);
-  // Calls fn(row, k, key) for every output site reached.
-  auto for_reached = [&](int64_t r, auto fn) {
-    const int32_t* row = indices + r * cols;
-    if (row[0] < 0) return;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t key = reached_key(g, row, offsets.data() + k * g.ndim);
-      if (key >= 0) fn(k, key);
-    }
-  };
-
-  // Distinct output sites, inserted concurrently; a table that gets over a
-  // quarter full is rebuilt four times larger (the key set is the same for
-  // any interleaving, and ranks come from sorting it). Sized by the active
-  // rows, not the capacity, so padding rows cost nothing here.
-  int64_t expected = std::max<int64_t>(2 * active, 1);
-  std::vector<Slot> slots;
-  HashTableView seen;
-  while (true) {
-    slots.assign(hash_table_size(expected), Slot{kEmptyKey, -1, 0});
-    seen = {slots.data(), static_cast<int64_t>(slots.size())};
-    std::atomic<int64_t> count{0};
-    std::atomic<bool> full{false};
-    parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
-      for_reached(r, [&](int64_t, int64_t key) {
-        if (full.load(std::memory_order_relaxed)) return;
-        const int result = seen.insert_key_concurrent(key);
-        if (result < 0 || (result > 0 && count.fetch_add(1, std::memory_order_relaxed) + 1 > seen.size / 4)) {
-          full.store(true, std::memory_order_relaxed);
-        }
-      });
-    });
-    if (!full.load()) break;
-    expected *= 4;
-  }
-  std::vector<int64_t> unique_keys;
-  for (const Slot& slot : slots) {
-    if (slot.key != kEmptyKey) unique_keys.push_back(slot.key);
-  }
-  std::sort(unique_keys.begin(), unique_keys.end());
-  const int64_t count = static_cast<int64_t>(unique_keys.size());
+  const std::vector<int64_t> sites = reached_sites(pool, g, indices, inputs);
+  const int64_t count = static_cast<int64_t>(sites.size());
   if (count > INT32_MAX) return invalid("more than 2^31 output sites");
   *needed = static_cast<int32_t>(count);
 
   const int64_t stored = std::min(count, out_capacity);
-  for (int64_t o = 0; o < count; ++o) {
-    seen.slots[seen.find_slot(unique_keys[o])].value =
-        o < stored ? static_cast<int32_t>(o) : -1;
-  }
   for (int64_t o = 0; o < stored; ++o) {
-    decode_key(unique_keys[o], g.out_shape, g.ndim, out_indices + o * cols);
+    decode_key(sites[o], g.out_shape, g.ndim, out_indices + o * cols);
   }
   std::fill(out_indices + stored * cols, out_indices + out_capacity * cols, -1);
-  std::fill(out_nbr, out_nbr + out_capacity * K, -1);
-  std::fill(in_nbr, in_nbr + rows * K, -1);
-  // Each (row, k) and each (output, k) is written by exactly one task.
-  parallel_for_rows(pool, rows, kTileRows, [&](int64_t r) {
-    for_reached(r, [&](int64_t k, int64_t key) {
-      const int32_t o = seen.find(key);
-      in_nbr[r * K + k] = o;
-      if (o >= 0) out_nbr[o * K + k] = static_cast<int32_t>(r);
-    });
-  });
+  // For a fixed offset each input feeds at most one output, so each entry of
+  // in_nbr is written by one task.
+  clear_rows(pool, out_nbr, out_capacity, K);
+  clear_rows(pool, in_nbr, rows, K);
+  search_inputs(pool, g, out_indices, nullptr, stored, inputs, K - 1,
+                [&](int64_t o, int64_t k, int32_t i) {
+                  out_nbr[o * K + k] = i;
+                  in_nbr[i * K + k] = static_cast<int32_t>(o);
+                });
   return ffi::Error::Success();
 }
 
@@ -247,16 +346,19 @@ ffi::Error BuildRulebookImpl(ffi::ThreadPool pool, S32 indices,
   if (auto err = check_sites(g, indices.typed_data(), rows); err.failure())
     return err;
 
-  int64_t active = 0;
-  for (int64_t r = 0; r < rows; ++r) active += indices.typed_data()[r * cols] >= 0;
+  SortedSites inputs;
+  if (auto err = sort_sites(g, indices.typed_data(), rows, &inputs);
+      err.failure())
+    return err;
   if (g.mode == ConvMode::kSubm) {
     std::copy(indices.typed_data(), indices.typed_data() + rows * cols,
               out_indices->typed_data());
-    needed->typed_data()[0] = static_cast<int32_t>(active);
-    return build_subm(pool, g, indices.typed_data(), rows,
-                      out_nbr->typed_data(), in_nbr->typed_data());
+    needed->typed_data()[0] = static_cast<int32_t>(inputs.size());
+    build_subm(pool, g, indices.typed_data(), rows, inputs,
+               out_nbr->typed_data(), in_nbr->typed_data());
+    return ffi::Error::Success();
   }
-  return build_generative(pool, g, indices.typed_data(), rows, active,
+  return build_generative(pool, g, indices.typed_data(), rows, inputs,
                           out_indices->typed_data(), out_capacity,
                           out_nbr->typed_data(), in_nbr->typed_data(),
                           needed->typed_data());

@@ -38,27 +38,56 @@ JSC_HOST_DEVICE void unravel_offset(const ConvGeometry& g, int64_t k,
   }
 }
 
-// The output coordinates that input coordinates `in` (ndim values, no batch)
-// reach through the kernel offset `offset` (ndim values, see unravel_offset),
-// or false if there are none (off the grid, or between strides).
+// The output coordinate along dim d that the input coordinate `in` reaches
+// through the kernel offset `offset` along d (see unravel_offset), or -1 if
+// there is none (off the grid, or between strides).
 //   subm:       out = in - (offset - kernel // 2) * dilation
 //   regular:    out * stride = in + padding - offset * dilation
 //   transposed: out = in * stride - padding + offset * dilation
+JSC_HOST_DEVICE int64_t output_coord(const ConvGeometry& g, int d, int64_t in,
+                                     int64_t offset) {
+  int64_t out;
+  if (g.mode == ConvMode::kSubm) {
+    out = in - (offset - g.kernel[d] / 2) * g.dilation[d];
+  } else if (g.mode == ConvMode::kRegular) {
+    const int64_t t = in + g.padding[d] - offset * g.dilation[d];
+    if (t < 0 || t % g.stride[d] != 0) return -1;
+    out = t / g.stride[d];
+  } else {
+    out = in * g.stride[d] - g.padding[d] + offset * g.dilation[d];
+  }
+  return out >= 0 && out < g.out_shape[d] ? out : -1;
+}
+
+// The input coordinate along dim d that the output coordinate `out` reads
+// through the kernel offset `offset` along d: the inverse of output_coord,
+// or -1 if there is none.
+//   subm:       in = out + (offset - kernel // 2) * dilation
+//   regular:    in = out * stride - padding + offset * dilation
+//   transposed: in * stride = out + padding - offset * dilation
+JSC_HOST_DEVICE int64_t input_coord(const ConvGeometry& g, int d, int64_t out,
+                                    int64_t offset) {
+  int64_t in;
+  if (g.mode == ConvMode::kSubm) {
+    in = out + (offset - g.kernel[d] / 2) * g.dilation[d];
+  } else if (g.mode == ConvMode::kRegular) {
+    in = out * g.stride[d] - g.padding[d] + offset * g.dilation[d];
+  } else {
+    const int64_t t = out + g.padding[d] - offset * g.dilation[d];
+    if (t < 0 || t % g.stride[d] != 0) return -1;
+    in = t / g.stride[d];
+  }
+  return in >= 0 && in < g.in_shape[d] ? in : -1;
+}
+
+// The output coordinates that input coordinates `in` (ndim values, no batch)
+// reach through the kernel offset `offset` (ndim values), or false if there
+// are none.
 JSC_HOST_DEVICE bool output_site(const ConvGeometry& g, const int32_t* in,
                                  const int64_t* offset, int64_t* out) {
   for (int d = 0; d < g.ndim; ++d) {
-    int64_t o;
-    if (g.mode == ConvMode::kSubm) {
-      o = in[d] - (offset[d] - g.kernel[d] / 2) * g.dilation[d];
-    } else if (g.mode == ConvMode::kRegular) {
-      const int64_t t = in[d] + g.padding[d] - offset[d] * g.dilation[d];
-      if (t < 0 || t % g.stride[d] != 0) return false;
-      o = t / g.stride[d];
-    } else {
-      o = in[d] * g.stride[d] - g.padding[d] + offset[d] * g.dilation[d];
-    }
-    if (o < 0 || o >= g.out_shape[d]) return false;
-    out[d] = o;
+    out[d] = output_coord(g, d, in[d], offset[d]);
+    if (out[d] < 0) return false;
   }
   return true;
 }
