@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -32,18 +33,24 @@ using S32Result = ffi::ResultBuffer<ffi::S32>;
 constexpr int64_t kTileRows = 2048;  // rows per parallel task
 
 // Sorts `keys` (all >= 0) ascending with a stable least-significant-digit
-// radix sort, permuting `rows` (if given) alike.
-void radix_sort(std::vector<int64_t>* keys, std::vector<int32_t>* rows) {
-  constexpr int kDigitBits = 11;
-  constexpr int64_t kDigits = int64_t{1} << kDigitBits;
+// radix sort, permuting `values` alike. Digits of at most 12 bits (the counts
+// stay in the L1 cache), as few passes as the largest key needs.
+template <typename Value>
+void radix_sort(std::vector<int64_t>* keys, std::vector<Value>* values) {
   const int64_t n = static_cast<int64_t>(keys->size());
-  const int64_t max_key =
+  const uint64_t max_key =
       n == 0 ? 0 : *std::max_element(keys->begin(), keys->end());
+  int bits = 0;
+  while (bits < 63 && (max_key >> bits) > 0) ++bits;
+  const int passes = (bits + 11) / 12;
+  if (passes == 0) return;
+  const int digit_bits = (bits + passes - 1) / passes;
+  const int64_t digits = int64_t{1} << digit_bits;
   std::vector<int64_t> sorted_keys(n);
-  std::vector<int32_t> sorted_rows(rows ? n : 0);
-  std::vector<int64_t> start(kDigits);
-  for (int shift = 0; shift < 63 && (max_key >> shift) > 0; shift += kDigitBits) {
-    auto digit = [&](int64_t key) { return (key >> shift) & (kDigits - 1); };
+  std::vector<Value> sorted_values(n);
+  std::vector<int64_t> start(digits);
+  for (int shift = 0; shift < bits; shift += digit_bits) {
+    auto digit = [&](int64_t key) { return (key >> shift) & (digits - 1); };
     std::fill(start.begin(), start.end(), 0);
     for (const int64_t key : *keys) ++start[digit(key)];
     int64_t sum = 0;
@@ -51,10 +58,10 @@ void radix_sort(std::vector<int64_t>* keys, std::vector<int32_t>* rows) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t to = start[digit((*keys)[i])]++;
       sorted_keys[to] = (*keys)[i];
-      if (rows) sorted_rows[to] = (*rows)[i];
+      sorted_values[to] = (*values)[i];
     }
     keys->swap(sorted_keys);
-    if (rows) rows->swap(sorted_rows);
+    values->swap(sorted_values);
   }
 }
 
@@ -261,37 +268,11 @@ void build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
                 });
 }
 
-// Every output site that some active input reaches, as ascending keys over
-// (batch_size, *out_shape), each once.
-std::vector<int64_t> reached_sites(ffi::ThreadPool& pool, const ConvGeometry& g,
-                                   const int32_t* indices,
-                                   const SortedSites& inputs) {
-  const int cols = g.ndim + 1;
-  const int64_t tiles = (inputs.size() + kTileRows - 1) / kTileRows;
-  std::vector<std::vector<int64_t>> reached(tiles);
-  parallel_for(pool, tiles, [&](int64_t tile) {
-    Reach reach(g);
-    const int64_t end = std::min(inputs.size(), (tile + 1) * kTileRows);
-    for (int64_t p = tile * kTileRows; p < end; ++p) {
-      reach.find<false>(indices + int64_t{inputs.rows[p]} * cols);
-      reach.for_each(g.out_shape, [&](int64_t, int64_t, int64_t key) {
-        reached[tile].push_back(key);
-        return true;
-      });
-    }
-  });
-  std::vector<int64_t> keys;
-  for (const auto& tile_keys : reached) {
-    keys.insert(keys.end(), tile_keys.begin(), tile_keys.end());
-  }
-  radix_sort(&keys, nullptr);
-  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
-  return keys;
-}
-
 // Regular and transposed: output sites are every site some input reaches,
-// numbered in sorted (batch, coords) order. Sites past out_capacity are
-// counted but not stored.
+// numbered in sorted (batch, coords) order. Every (input row, offset) that
+// reaches a site is listed with the site's key; sorting the list by key
+// numbers the sites and gives both maps without a search. Sites past
+// out_capacity are counted but not stored.
 ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
                             const int32_t* indices, int64_t rows,
                             const SortedSites& inputs, int32_t* out_indices,
@@ -299,25 +280,48 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
                             int32_t* in_nbr, int32_t* needed) {
   const int cols = g.ndim + 1;
   const int64_t K = g.kernel_volume();
-  const std::vector<int64_t> sites = reached_sites(pool, g, indices, inputs);
-  const int64_t count = static_cast<int64_t>(sites.size());
+  const int64_t tiles = (inputs.size() + kTileRows - 1) / kTileRows;
+  std::vector<std::vector<int64_t>> tile_keys(tiles), tile_pairs(tiles);
+  parallel_for(pool, tiles, [&](int64_t tile) {
+    Reach reach(g);
+    const int64_t end = std::min(inputs.size(), (tile + 1) * kTileRows);
+    for (int64_t p = tile * kTileRows; p < end; ++p) {
+      const int64_t r = inputs.rows[p];
+      reach.find<false>(indices + r * cols);
+      reach.for_each(g.out_shape, [&](int64_t, int64_t k, int64_t key) {
+        tile_keys[tile].push_back(key);
+        tile_pairs[tile].push_back(r * K + k);
+        return true;
+      });
+    }
+  });
+  std::vector<int64_t> keys, pairs;  // pairs: input row * K + offset
+  for (int64_t t = 0; t < tiles; ++t) {
+    keys.insert(keys.end(), tile_keys[t].begin(), tile_keys[t].end());
+    pairs.insert(pairs.end(), tile_pairs[t].begin(), tile_pairs[t].end());
+  }
+  radix_sort(&keys, &pairs);
+
+  const int64_t count =
+      keys.empty() ? 0
+                   : 1 + std::inner_product(keys.begin() + 1, keys.end(),
+                                            keys.begin(), int64_t{0},
+                                            std::plus<>(), std::not_equal_to<>());
   if (count > INT32_MAX) return invalid("more than 2^31 output sites");
   *needed = static_cast<int32_t>(count);
-
   const int64_t stored = std::min(count, out_capacity);
-  for (int64_t o = 0; o < stored; ++o) {
-    decode_key(sites[o], g.out_shape, g.ndim, out_indices + o * cols);
-  }
   std::fill(out_indices + stored * cols, out_indices + out_capacity * cols, -1);
-  // For a fixed offset each input feeds at most one output, so each entry of
-  // in_nbr is written by one task.
   clear_rows(pool, out_nbr, out_capacity, K);
   clear_rows(pool, in_nbr, rows, K);
-  search_inputs(pool, g, out_indices, nullptr, stored, inputs, K - 1,
-                [&](int64_t o, int64_t k, int32_t i) {
-                  out_nbr[o * K + k] = i;
-                  in_nbr[i * K + k] = static_cast<int32_t>(o);
-                });
+  int64_t o = -1;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (i == 0 || keys[i] != keys[i - 1]) {
+      if (++o == stored) break;
+      decode_key(keys[i], g.out_shape, g.ndim, out_indices + o * cols);
+    }
+    out_nbr[o * K + pairs[i] % K] = static_cast<int32_t>(pairs[i] / K);
+    in_nbr[pairs[i]] = static_cast<int32_t>(o);
+  }
   return ffi::Error::Success();
 }
 
