@@ -33,9 +33,12 @@ template <> struct Simd<double> {
 template <typename Acc> using Vec = typename Simd<Acc>::type;
 template <typename Acc> constexpr int kLanes = 64 / sizeof(Acc);
 
-constexpr int64_t kTileRows = 1024;  // output rows per forward task
-constexpr int64_t kChunkPairs = 256;  // pairs per kernel-gradient pass
-constexpr int kMaxBlockRows = 8;      // register block: rows
+constexpr int kMaxBlockRows = 8;  // register block: rows
+// Kernel gradient: partial sums of at most about kPartialBytes in all, in
+// kMinChunks to kMaxChunks chunks; the final sum in blocks of elements.
+constexpr int64_t kPartialBytes = int64_t{32} << 20;
+constexpr int64_t kMinChunks = 4, kMaxChunks = 32;
+constexpr int64_t kReduceBlock = 4096;
 
 // out_rows[q][c0 : c0 + NV * lanes] += a[q, :] @ w[:, c0 : c0 + NV * lanes]
 // for q < R; a [R, cin] packed, w [cin, cout]. R x NV vector accumulators.
@@ -101,20 +104,22 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
   using Acc = typename Accum<T>::type;
   std::vector<Acc> w(K * cin * cout);
   for (size_t e = 0; e < w.size(); ++e) w[e] = static_cast<Acc>(to_float(w_in[e]));
-  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  parallel_for(pool, tiles, [&](int64_t tile) {
-    const int64_t begin = tile * kTileRows;
-    const int64_t end = std::min(rows, begin + kTileRows);
+  const int64_t tile_rows = tile_rows_for(K);
+  parallel_for(pool, (rows + tile_rows - 1) / tile_rows, [&](int64_t tile) {
+    thread_local TilePairs pairs;
+    thread_local std::vector<Acc> packed;
+    const int64_t begin = tile * tile_rows;
+    const int64_t end = std::min(rows, begin + tile_rows);
     Acc* acc = out + begin * cout;
     std::fill(acc, acc + (end - begin) * cout, Acc(0));
-    std::vector<int32_t> pos(kTileRows), src(kTileRows);
-    std::vector<Acc> packed(kTileRows * cin);
+    pairs.collect(nbr, K, begin, end);
+    packed.resize(tile_rows * cin);
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t m = collect_pairs(nbr, K, k, begin, end, pos.data(), src.data());
+      const int64_t m = pairs.count(k);
       if (m == 0) continue;
-      pack_rows(x, cin, src.data(), m, packed.data());
+      pack_rows(x, cin, pairs.src(k), m, packed.data());
       accumulate_rows(packed.data(), m, w.data() + k * cin * cout, cin, cout,
-                      pos.data(), acc);
+                      pairs.pos(k), acc);
     }
   });
 }
@@ -167,33 +172,48 @@ void accumulate_outer(const Acc* a, const Acc* g, int64_t m, int64_t cin,
   }
 }
 
-// One task per offset: it owns dw[k] and walks the pairs in row order.
+// Tiles of output rows are grouped into fixed chunks (set by the shapes, not
+// the thread count); each chunk sums its tiles' products into its own
+// partial dw, and the partials are added in chunk order.
 template <typename T>
 void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
                         const T* g, int64_t cout, const int32_t* nbr,
                         int64_t rows, int64_t K,
                         typename Accum<T>::type* dw) {
   using Acc = typename Accum<T>::type;
-  parallel_for(pool, K, [&](int64_t k) {
-    Acc* dwk = dw + k * cin * cout;
-    std::fill(dwk, dwk + cin * cout, Acc(0));
-    std::vector<int32_t> pos(kChunkPairs), src(kChunkPairs), dst(kChunkPairs);
-    std::vector<Acc> packed_x(kChunkPairs * cin), packed_g(kChunkPairs * cout);
-    int64_t m = 0;
-    auto flush = [&] {
-      pack_rows(x, cin, src.data(), m, packed_x.data());
-      pack_rows(g, cout, dst.data(), m, packed_g.data());
-      accumulate_outer(packed_x.data(), packed_g.data(), m, cin, cout, dwk);
-      m = 0;
-    };
-    for (int64_t r = 0; r < rows; ++r) {
-      const int32_t s = nbr[r * K + k];
-      if (s < 0) continue;
-      src[m] = s;
-      dst[m++] = static_cast<int32_t>(r);
-      if (m == kChunkPairs) flush();
+  const int64_t size = K * cin * cout;
+  const int64_t tile_rows = tile_rows_for(K);
+  const int64_t tiles = std::max<int64_t>(1, (rows + tile_rows - 1) / tile_rows);
+  const int64_t wanted = std::clamp<int64_t>(kPartialBytes / (size * sizeof(Acc)), kMinChunks, kMaxChunks);
+  const int64_t tiles_per_chunk = (tiles + std::min(wanted, tiles) - 1) / std::min(wanted, tiles);
+  const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  std::vector<Acc> partials((chunks - 1) * size);  // chunk 0 sums into dw
+  parallel_for(pool, chunks, [&](int64_t chunk) {
+    thread_local TilePairs pairs;
+    thread_local std::vector<Acc> packed_x, packed_g;
+    Acc* sum = chunk == 0 ? dw : partials.data() + (chunk - 1) * size;
+    std::fill(sum, sum + size, Acc(0));
+    packed_x.resize(tile_rows * cin);
+    packed_g.resize(tile_rows * cout);
+    const int64_t last = std::min(tiles, (chunk + 1) * tiles_per_chunk);
+    for (int64_t tile = chunk * tiles_per_chunk; tile < last; ++tile) {
+      const int64_t begin = tile * tile_rows;
+      pairs.collect(nbr, K, begin, std::min(rows, begin + tile_rows));
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t m = pairs.count(k);
+        if (m == 0) continue;
+        pack_rows(x, cin, pairs.src(k), m, packed_x.data());
+        pack_rows(g + begin * cout, cout, pairs.pos(k), m, packed_g.data());
+        accumulate_outer(packed_x.data(), packed_g.data(), m, cin, cout, sum + k * cin * cout);
+      }
     }
-    if (m > 0) flush();
+  });
+  parallel_for(pool, (size + kReduceBlock - 1) / kReduceBlock, [&](int64_t block) {
+    const int64_t begin = block * kReduceBlock, end = std::min(size, begin + kReduceBlock);
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      const Acc* part = partials.data() + (chunk - 1) * size;
+      for (int64_t e = begin; e < end; ++e) dw[e] += part[e];
+    }
   });
 }
 
@@ -203,7 +223,7 @@ ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   MatmulDims d{};
   if (auto err = check_gather_matmul(x, w, nbr, *out, &d); err.failure()) return err;
   const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
-  if (auto err = check_neighbours(nbr.typed_data(), rows * K, n, "nbr");
+  if (auto err = check_neighbours(pool, nbr.typed_data(), rows * K, n, "nbr");
       err.failure())
     return err;
   return dispatch_float(x.element_type(), out->element_type(), "gather_matmul", [&](auto tag) {
@@ -223,7 +243,7 @@ ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, &d); err.failure())
     return err;
   const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
-  if (auto err = check_neighbours(nbr.typed_data(), rows * K, n, "nbr");
+  if (auto err = check_neighbours(pool, nbr.typed_data(), rows * K, n, "nbr");
       err.failure())
     return err;
   return dispatch_float(x.element_type(), dw->element_type(), "gather_matmul_grad", [&](auto tag) {

@@ -22,10 +22,10 @@ constexpr int64_t kTileRows = 256;
 
 // Shapes shared by the three handlers: table [N, C] and a neighbour map
 // [M, K] whose entries are rows of the table.
-ffi::Error check_pool_args(const ffi::AnyBuffer& table,
+ffi::Error check_pool_args(ffi::ThreadPool& pool, const ffi::AnyBuffer& table,
                            const ffi::Buffer<ffi::S32>& nbr, const char* what) {
   if (auto err = check_pool_shapes(table, nbr, what); err.failure()) return err;
-  return check_neighbours(nbr.typed_data(), nbr.element_count(),
+  return check_neighbours(pool, nbr.typed_data(), nbr.element_count(),
                           table.dimensions()[0], "nbr");
 }
 
@@ -52,7 +52,7 @@ void gather_sum_rows(ffi::ThreadPool& pool, const T* x, const int32_t* nbr,
 ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                          ffi::Buffer<ffi::S32> nbr,
                          ffi::Result<ffi::AnyBuffer> out) {
-  if (auto err = check_pool_args(x, nbr, "gather_sum");
+  if (auto err = check_pool_args(pool, x, nbr, "gather_sum");
       err.failure())
     return err;
   const int64_t C = x.dimensions()[1], rows = nbr.dimensions()[0],
@@ -72,7 +72,7 @@ ffi::Error GatherMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                          ffi::Buffer<ffi::S32> nbr,
                          ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::Buffer<ffi::S32>> argk) {
-  if (auto err = check_pool_args(x, nbr, "gather_max");
+  if (auto err = check_pool_args(pool, x, nbr, "gather_max");
       err.failure())
     return err;
   const int64_t C = x.dimensions()[1], rows = nbr.dimensions()[0],
@@ -112,7 +112,7 @@ ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
                              ffi::Buffer<ffi::S32> in_nbr,
                              ffi::Result<ffi::AnyBuffer> dx) {
   // in_nbr entries are rows of g (outputs of the pool).
-  if (auto err = check_pool_args(g, in_nbr, "gather_max_grad");
+  if (auto err = check_pool_args(pool, g, in_nbr, "gather_max_grad");
       err.failure())
     return err;
   const int64_t C = g.dimensions()[1], rows = in_nbr.dimensions()[0],
