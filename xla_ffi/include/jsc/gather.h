@@ -125,7 +125,7 @@ class TilePairs {
 template <typename T, typename Acc>
 void pack_rows(const T* x, int64_t cols, const int32_t* src, int64_t m,
                Acc* packed) {
-  constexpr int64_t kAhead = 8;  // rows prefetched ahead: the gathers miss the caches
+  constexpr int64_t kAhead = 32;  // rows prefetched ahead: the gathers miss the caches
   for (int64_t j = 0; j < m; ++j) {
     if (j + kAhead < m) {
       const char* ahead = reinterpret_cast<const char*>(x + static_cast<int64_t>(src[j + kAhead]) * cols);
