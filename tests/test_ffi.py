@@ -194,8 +194,8 @@ def test_results_do_not_depend_on_thread_count(tmp_path):
 @pytest.mark.parametrize("mode, kernel, strides, padding", [("subm", 3, 1, 0), ("regular", 3, 2, 1),
                                                             ("transposed", 2, 2, 0)])
 def test_clustered_sites_give_the_sort_based_rulebook(mode, kernel, strides, padding, rng):
-    """Dense blocks and long runs along x (neighbouring hash keys, long probe chains) in a
-    large grid: the hash-based builder gives exactly the xla backend's sorted rulebook."""
+    """Dense blocks and long runs along x (runs of neighbouring keys, many sites per kernel
+    line) in a large grid: the native builder gives exactly the xla backend's rulebook."""
     shape, sites = (64, 2048, 2048), set()
     for batch in range(2):
         for _ in range(6):  # fully occupied 7 x 7 x 7 blocks
@@ -214,3 +214,19 @@ def test_clustered_sites_give_the_sort_based_rulebook(mode, kernel, strides, pad
     assert int(ours.needed) <= capacity
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cuda_hash_table_logic_on_the_host(rng):
+    """The CUDA rulebook's hash table (host-device code in hash_table.h), run on the host with
+    two threads inserting at once: each key is found with its first index, absent keys are not."""
+    from jax_sparseconv import _cpu
+    runs = [np.arange(start, start + rng.integers(1, 40)) for start in rng.integers(0, 2**62, 50)]
+    keys = np.concatenate(runs + [rng.integers(0, 1000, 500)])  # runs along x; small keys, duplicated
+    keys = keys[rng.permutation(len(keys))].tolist()
+    queries = keys + rng.integers(0, 2**62, 200).tolist() + list(range(1200))
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    assert _cpu.hash_table_lookup(keys, queries) == [first.get(q, -1) for q in queries]
+    with pytest.raises(ValueError, match="keys must be >= 0"):
+        _cpu.hash_table_lookup([3, -1], [3])

@@ -40,10 +40,11 @@ constexpr int64_t kPartialBytes = int64_t{32} << 20;
 constexpr int64_t kMinChunks = 4, kMaxChunks = 32;
 constexpr int64_t kReduceBlock = 4096;
 
-// out_rows[q][c0 : c0 + NV * lanes] += a[q, :] @ w[:, c0 : c0 + NV * lanes]
-// for q < R; a [R, cin] packed, w [cin, cout]. R x NV vector accumulators.
+// out_rows[q][c0 : c0 + NV * lanes] += a[q][:] @ w[:, c0 : c0 + NV * lanes]
+// for q < R; rows a[q] of cin entries, w [cin, cout]. R x NV vector
+// accumulators.
 template <typename Acc, int R, int NV>
-void block_kernel(const Acc* a, int64_t cin, const Acc* w, int64_t cout,
+void block_kernel(const Acc* const* a, int64_t cin, const Acc* w, int64_t cout,
                   int64_t c0, Acc* const* out_rows) {
   using V = Vec<Acc>;
   constexpr int L = kLanes<Acc>;
@@ -53,7 +54,7 @@ void block_kernel(const Acc* a, int64_t cin, const Acc* w, int64_t cout,
     for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const V*>(w + ci * cout + c0 + v * L);
 #pragma GCC unroll 8
     for (int q = 0; q < R; ++q) {
-      const Acc av = a[q * cin + ci];
+      const Acc av = a[q][ci];
       for (int v = 0; v < NV; ++v) acc[q][v] += av * wv[v];
     }
   }
@@ -63,7 +64,7 @@ void block_kernel(const Acc* a, int64_t cin, const Acc* w, int64_t cout,
 }
 
 template <typename Acc, int R>
-void rows_kernel(const Acc* a, int64_t cin, const Acc* w, int64_t cout,
+void rows_kernel(const Acc* const* a, int64_t cin, const Acc* w, int64_t cout,
                  Acc* const* out_rows) {
   constexpr int64_t L = kLanes<Acc>;
   int64_t c0 = 0;
@@ -74,17 +75,18 @@ void rows_kernel(const Acc* a, int64_t cin, const Acc* w, int64_t cout,
   }
   for (int q = 0; q < R; ++q) {  // remaining columns
     for (int64_t ci = 0; ci < cin; ++ci) {
-      const Acc av = a[q * cin + ci];
+      const Acc av = a[q][ci];
       for (int64_t c = c0; c < cout; ++c) out_rows[q][c] += av * w[ci * cout + c];
     }
   }
 }
 
-// acc[pos[j], :] += a[j, :] @ w for j < m; a [m, cin] packed, w [cin, cout].
+// acc[pos[j], :] += a[j][:] @ w for j < m; rows a[j] of cin entries,
+// w [cin, cout].
 template <typename Acc>
-void accumulate_rows(const Acc* a, int64_t m, const Acc* w, int64_t cin,
+void accumulate_rows(const Acc* const* a, int64_t m, const Acc* w, int64_t cin,
                      int64_t cout, const int32_t* pos, Acc* acc) {
-  using Kernel = void (*)(const Acc*, int64_t, const Acc*, int64_t, Acc* const*);
+  using Kernel = void (*)(const Acc* const*, int64_t, const Acc*, int64_t, Acc* const*);
   static constexpr Kernel kernels[kMaxBlockRows + 1] = {
       nullptr,           rows_kernel<Acc, 1>, rows_kernel<Acc, 2>,
       rows_kernel<Acc, 3>, rows_kernel<Acc, 4>, rows_kernel<Acc, 5>,
@@ -93,7 +95,7 @@ void accumulate_rows(const Acc* a, int64_t m, const Acc* w, int64_t cin,
   for (int64_t j = 0; j < m; j += kMaxBlockRows) {
     const int64_t r = std::min<int64_t>(kMaxBlockRows, m - j);
     for (int64_t q = 0; q < r; ++q) rows[q] = acc + static_cast<int64_t>(pos[j + q]) * cout;
-    kernels[r](a + j * cin, cin, w, cout, rows);
+    kernels[r](a + j, cin, w, cout, rows);
   }
 }
 
@@ -108,17 +110,19 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
   parallel_for(pool, (rows + tile_rows - 1) / tile_rows, [&](int64_t tile) {
     thread_local TilePairs pairs;
     thread_local std::vector<Acc> packed;
+    thread_local std::vector<const Acc*> x_rows;
     const int64_t begin = tile * tile_rows;
     const int64_t end = std::min(rows, begin + tile_rows);
     Acc* acc = out + begin * cout;
     std::fill(acc, acc + (end - begin) * cout, Acc(0));
     pairs.collect(nbr, K, begin, end);
     packed.resize(tile_rows * cin);
+    x_rows.resize(tile_rows);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t m = pairs.count(k);
       if (m == 0) continue;
-      pack_rows(x, cin, pairs.src(k), m, packed.data());
-      accumulate_rows(packed.data(), m, w.data() + k * cin * cout, cin, cout,
+      gather_rows(x, cin, pairs.src(k), m, packed.data(), x_rows.data());
+      accumulate_rows(x_rows.data(), m, w.data() + k * cin * cout, cin, cout,
                       pairs.pos(k), acc);
     }
   });
@@ -126,10 +130,11 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
 
 constexpr int kOuterRows = 8;  // register block of the kernel gradient: input channels
 
-// dw[ci, c0 : c0 + NV * lanes] += sum_j a[j, ci] * g[j, c0 : ...] for the
-// kOuterRows input channels from ci0 and j < m; a [m, cin], g [m, cout] packed.
+// dw[ci, c0 : c0 + NV * lanes] += sum_j a[j][ci] * g[j][c0 : ...] for the
+// kOuterRows input channels from ci0 and j < m; rows a[j] of cin entries,
+// g[j] of cout.
 template <typename Acc, int NV>
-void outer_block(const Acc* a, const Acc* g, int64_t m, int64_t cin,
+void outer_block(const Acc* const* a, const Acc* const* g, int64_t m,
                  int64_t cout, int64_t ci0, int64_t c0, Acc* dw) {
   using V = Vec<Acc>;
   constexpr int L = kLanes<Acc>;
@@ -137,9 +142,9 @@ void outer_block(const Acc* a, const Acc* g, int64_t m, int64_t cin,
   V acc[Q][NV] = {};
   for (int64_t j = 0; j < m; ++j) {
     V gv[NV];
-    for (int v = 0; v < NV; ++v) gv[v] = *reinterpret_cast<const V*>(g + j * cout + c0 + v * L);
+    for (int v = 0; v < NV; ++v) gv[v] = *reinterpret_cast<const V*>(g[j] + c0 + v * L);
     for (int q = 0; q < Q; ++q) {
-      const Acc av = a[j * cin + ci0 + q];
+      const Acc av = a[j][ci0 + q];
       for (int v = 0; v < NV; ++v) acc[q][v] += av * gv[v];
     }
   }
@@ -148,26 +153,26 @@ void outer_block(const Acc* a, const Acc* g, int64_t m, int64_t cin,
   }
 }
 
-// dw[ci, :] += sum_j a[j, ci] * g[j, :] for j < m; a [m, cin], g [m, cout]
-// packed. Blocks of kOuterRows input channels x 1 or 2 vectors of outputs
+// dw[ci, :] += sum_j a[j][ci] * g[j][:] for j < m; rows a[j] of cin
+// entries, g[j] of cout. Blocks of kOuterRows input channels x 1 or 2 vectors of outputs
 // stay in registers.
 template <typename Acc>
-void accumulate_outer(const Acc* a, const Acc* g, int64_t m, int64_t cin,
+void accumulate_outer(const Acc* const* a, const Acc* const* g, int64_t m, int64_t cin,
                       int64_t cout, Acc* dw) {
   constexpr int64_t L = kLanes<Acc>;
   const int64_t vector_cols = cout / L * L;
   const int64_t blocked_cin = cin / kOuterRows * kOuterRows;
   for (int64_t ci = 0; ci < blocked_cin; ci += kOuterRows) {
     int64_t c0 = 0;
-    for (; c0 + 2 * L <= vector_cols; c0 += 2 * L) outer_block<Acc, 2>(a, g, m, cin, cout, ci, c0, dw);
-    if (c0 < vector_cols) outer_block<Acc, 1>(a, g, m, cin, cout, ci, c0, dw);
+    for (; c0 + 2 * L <= vector_cols; c0 += 2 * L) outer_block<Acc, 2>(a, g, m, cout, ci, c0, dw);
+    if (c0 < vector_cols) outer_block<Acc, 1>(a, g, m, cout, ci, c0, dw);
   }
   // The rest: input channels past the blocks, output channels past the vectors.
   for (int64_t ci = 0; ci < cin; ++ci) {
     const int64_t c_begin = ci < blocked_cin ? vector_cols : 0;
     for (int64_t j = 0; j < m; ++j) {
-      const Acc av = a[j * cin + ci];
-      for (int64_t c = c_begin; c < cout; ++c) dw[ci * cout + c] += av * g[j * cout + c];
+      const Acc av = a[j][ci];
+      for (int64_t c = c_begin; c < cout; ++c) dw[ci * cout + c] += av * g[j][c];
     }
   }
 }
@@ -191,10 +196,13 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
   parallel_for(pool, chunks, [&](int64_t chunk) {
     thread_local TilePairs pairs;
     thread_local std::vector<Acc> packed_x, packed_g;
+    thread_local std::vector<const Acc*> x_rows, g_rows;
     Acc* sum = chunk == 0 ? dw : partials.data() + (chunk - 1) * size;
     std::fill(sum, sum + size, Acc(0));
     packed_x.resize(tile_rows * cin);
     packed_g.resize(tile_rows * cout);
+    x_rows.resize(tile_rows);
+    g_rows.resize(tile_rows);
     const int64_t last = std::min(tiles, (chunk + 1) * tiles_per_chunk);
     for (int64_t tile = chunk * tiles_per_chunk; tile < last; ++tile) {
       const int64_t begin = tile * tile_rows;
@@ -202,9 +210,9 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
       for (int64_t k = 0; k < K; ++k) {
         const int64_t m = pairs.count(k);
         if (m == 0) continue;
-        pack_rows(x, cin, pairs.src(k), m, packed_x.data());
-        pack_rows(g + begin * cout, cout, pairs.pos(k), m, packed_g.data());
-        accumulate_outer(packed_x.data(), packed_g.data(), m, cin, cout, sum + k * cin * cout);
+        gather_rows(x, cin, pairs.src(k), m, packed_x.data(), x_rows.data());
+        gather_rows(g + begin * cout, cout, pairs.pos(k), m, packed_g.data(), g_rows.data());
+        accumulate_outer(x_rows.data(), g_rows.data(), m, cin, cout, sum + k * cin * cout);
       }
     }
   });

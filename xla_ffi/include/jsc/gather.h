@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -121,19 +122,26 @@ class TilePairs {
   std::vector<int32_t> start_, next_, pos_, src_, flat_src_, flat_k_, flat_pos_;
 };
 
-// packed[j, :] = x[src[j], :] converted to Acc, for j < m.
+// rows[j] = x[src[j], :] in Acc, for j < m: a pointer into x when T is Acc,
+// else a converted copy in `packed` [m, cols]. The rows are prefetched ahead:
+// the gathers miss the caches.
 template <typename T, typename Acc>
-void pack_rows(const T* x, int64_t cols, const int32_t* src, int64_t m,
-               Acc* packed) {
-  constexpr int64_t kAhead = 32;  // rows prefetched ahead: the gathers miss the caches
+void gather_rows(const T* x, int64_t cols, const int32_t* src, int64_t m,
+                 Acc* packed, const Acc** rows) {
+  constexpr int64_t kAhead = 32;
   for (int64_t j = 0; j < m; ++j) {
     if (j + kAhead < m) {
       const char* ahead = reinterpret_cast<const char*>(x + static_cast<int64_t>(src[j + kAhead]) * cols);
       for (int64_t b = 0; b < cols * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
     }
     const T* row = x + static_cast<int64_t>(src[j]) * cols;
-    Acc* out = packed + j * cols;
-    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<Acc>(to_float(row[c]));
+    if constexpr (std::is_same_v<T, Acc>) {
+      rows[j] = row;
+    } else {
+      Acc* out = packed + j * cols;
+      for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<Acc>(to_float(row[c]));
+      rows[j] = out;
+    }
   }
 }
 
