@@ -2,8 +2,9 @@
 where it was built, ``jax_sparseconv._cuda``, registered under the same target names for
 the platforms "cpu" and "CUDA", so one ``ffi_call`` serves both).
 
-Rulebooks are built with a hash table of 64-bit site keys; the feature kernels
-gather along the neighbour maps in row tiles on XLA's CPU thread pool. Every
+Rulebooks are built from 64-bit site keys (sorted on the CPU, a hash table on the
+GPU); the feature kernels gather along the neighbour maps in row tiles on XLA's CPU
+thread pool. Every
 function matches the signature, dtypes and results of its twin in ``xla.py``.
 Features may be float32, float64, bfloat16 or float16 (float32 accumulation for
 the half types).
