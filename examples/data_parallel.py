@@ -52,18 +52,18 @@ if "jax" not in sys.modules:  # the simulated devices must be set before JAX sta
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-CHECK_IN_FLOAT64 = ARGS.check and ARGS.dtype == "float32"
-if CHECK_IN_FLOAT64:
-    jax.config.update("jax_enable_x64", True)
-DTYPE = jnp.dtype("float64" if CHECK_IN_FLOAT64 else ARGS.dtype)  # activations
-PARAM_DTYPE = jnp.promote_types(DTYPE, jnp.float32)  # parameters, loss
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
 import jax_sparseconv as jsc  # noqa: E402
 from jax_sparseconv import models, utils  # noqa: E402
+
+CHECK_IN_FLOAT64 = ARGS.check and ARGS.dtype == "float32"
+if CHECK_IN_FLOAT64:
+    jax.config.update("jax_enable_x64", True)
+DTYPE = jnp.dtype("float64" if CHECK_IN_FLOAT64 else ARGS.dtype)  # activations
+PARAM_DTYPE = jnp.promote_types(DTYPE, jnp.float32)  # parameters, loss
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "semantickitti"
 NUM_CLASSES = 20

@@ -109,21 +109,17 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
   const int64_t tile_rows = tile_rows_for(K);
   parallel_for(pool, (rows + tile_rows - 1) / tile_rows, [&](int64_t tile) {
     thread_local TilePairs pairs;
-    thread_local std::vector<Acc> packed;
-    thread_local std::vector<const Acc*> x_rows;
+    thread_local RowGather<T, Acc> x_rows;
     const int64_t begin = tile * tile_rows;
     const int64_t end = std::min(rows, begin + tile_rows);
     Acc* acc = out + begin * cout;
     std::fill(acc, acc + (end - begin) * cout, Acc(0));
     pairs.collect(nbr, K, begin, end);
-    packed.resize(tile_rows * cin);
-    x_rows.resize(tile_rows);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t m = pairs.count(k);
       if (m == 0) continue;
-      gather_rows(x, cin, pairs.src(k), m, packed.data(), x_rows.data());
-      accumulate_rows(x_rows.data(), m, w.data() + k * cin * cout, cin, cout,
-                      pairs.pos(k), acc);
+      accumulate_rows(x_rows.gather(x, cin, pairs.src(k), m), m, w.data() + k * cin * cout,
+                      cin, cout, pairs.pos(k), acc);
     }
   });
 }
@@ -190,19 +186,15 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
   const int64_t tile_rows = tile_rows_for(K);
   const int64_t tiles = std::max<int64_t>(1, (rows + tile_rows - 1) / tile_rows);
   const int64_t wanted = std::clamp<int64_t>(kPartialBytes / (size * sizeof(Acc)), kMinChunks, kMaxChunks);
-  const int64_t tiles_per_chunk = (tiles + std::min(wanted, tiles) - 1) / std::min(wanted, tiles);
+  const int64_t target_chunks = std::min(wanted, tiles);
+  const int64_t tiles_per_chunk = (tiles + target_chunks - 1) / target_chunks;
   const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   std::vector<Acc> partials((chunks - 1) * size);  // chunk 0 sums into dw
   parallel_for(pool, chunks, [&](int64_t chunk) {
     thread_local TilePairs pairs;
-    thread_local std::vector<Acc> packed_x, packed_g;
-    thread_local std::vector<const Acc*> x_rows, g_rows;
+    thread_local RowGather<T, Acc> x_rows, g_rows;
     Acc* sum = chunk == 0 ? dw : partials.data() + (chunk - 1) * size;
     std::fill(sum, sum + size, Acc(0));
-    packed_x.resize(tile_rows * cin);
-    packed_g.resize(tile_rows * cout);
-    x_rows.resize(tile_rows);
-    g_rows.resize(tile_rows);
     const int64_t last = std::min(tiles, (chunk + 1) * tiles_per_chunk);
     for (int64_t tile = chunk * tiles_per_chunk; tile < last; ++tile) {
       const int64_t begin = tile * tile_rows;
@@ -210,9 +202,9 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
       for (int64_t k = 0; k < K; ++k) {
         const int64_t m = pairs.count(k);
         if (m == 0) continue;
-        gather_rows(x, cin, pairs.src(k), m, packed_x.data(), x_rows.data());
-        gather_rows(g + begin * cout, cout, pairs.pos(k), m, packed_g.data(), g_rows.data());
-        accumulate_outer(x_rows.data(), g_rows.data(), m, cin, cout, sum + k * cin * cout);
+        accumulate_outer(x_rows.gather(x, cin, pairs.src(k), m),
+                         g_rows.gather(g + begin * cout, cout, pairs.pos(k), m), m, cin, cout,
+                         sum + k * cin * cout);
       }
     }
   });

@@ -205,29 +205,29 @@ void clear_rows(ffi::ThreadPool& pool, int32_t* data, int64_t count, int64_t K) 
   });
 }
 
-// For `count` output rows q of `out_indices`, taken in ascending site order
-// (q = order[p], or p where order is null), calls found(q, k, row) for every
-// kernel offset k <= last_k through which q reads an input site, with that
-// site's row in `inputs`. Each q is handled by one task, in a fixed order.
+// Submanifold look-ups: for every active row q of `indices`, taken in
+// ascending site order, calls found(q, k, row) for every kernel offset
+// k <= last_k through which q reads an input site, with that site's row.
+// Each q is handled by one task, in a fixed order.
 template <typename Found>
 void search_inputs(ffi::ThreadPool& pool, const ConvGeometry& g,
-                   const int32_t* out_indices, const int32_t* order,
-                   int64_t count, const SortedSites& inputs, int64_t last_k,
-                   Found found) {
+                   const int32_t* indices, const SortedSites& inputs,
+                   int64_t last_k, Found found) {
   const int cols = g.ndim + 1;
   const int64_t* keys = inputs.keys.data();
   const int64_t num_keys = static_cast<int64_t>(inputs.keys.size());
+  const int64_t count = inputs.size();
   parallel_for(pool, (count + kTileRows - 1) / kTileRows, [&](int64_t tile) {
     Reach reach(g);
     // cursor[line]: the first key >= the line's first key of the last output
     // row searched. Outputs and so lines move forward through the sorted
-    // keys; a step back (never taken by the geometries here) restarts the
-    // search.
+    // keys; a step back (never taken by submanifold geometries) restarts
+    // the search.
     std::vector<int64_t> cursor(reach.lines(), -1);
     const int64_t end = std::min(count, (tile + 1) * kTileRows);
     for (int64_t p = tile * kTileRows; p < end; ++p) {
-      const int64_t q = order ? order[p] : p;
-      reach.find<true>(out_indices + q * cols);
+      const int64_t q = inputs.rows[p];
+      reach.find<true>(indices + q * cols);
       int64_t current_line = -1, at = 0;
       reach.for_each(g.in_shape, [&](int64_t line, int64_t k, int64_t key) {
         if (k > last_k) return false;
@@ -260,7 +260,7 @@ void build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
   const int64_t K = g.kernel_volume();
   clear_rows(pool, out_nbr, rows, K);
   clear_rows(pool, in_nbr, rows, K);
-  search_inputs(pool, g, indices, inputs.rows.data(), inputs.size(), inputs,
+  search_inputs(pool, g, indices, inputs,
                 K / 2, [&](int64_t q, int64_t k, int32_t j) {
                   out_nbr[q * K + k] = in_nbr[q * K + K - 1 - k] = j;
                   out_nbr[j * K + K - 1 - k] = in_nbr[j * K + k] =
@@ -290,12 +290,12 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
       reach.find<false>(indices + r * cols);
       reach.for_each(g.out_shape, [&](int64_t, int64_t k, int64_t key) {
         tile_keys[tile].push_back(key);
-        tile_pairs[tile].push_back(r * K + k);
+        tile_pairs[tile].push_back(r << 32 | k);
         return true;
       });
     }
   });
-  std::vector<int64_t> keys, pairs;  // pairs: input row * K + offset
+  std::vector<int64_t> keys, pairs;  // pairs: input row << 32 | offset
   for (int64_t t = 0; t < tiles; ++t) {
     keys.insert(keys.end(), tile_keys[t].begin(), tile_keys[t].end());
     pairs.insert(pairs.end(), tile_pairs[t].begin(), tile_pairs[t].end());
@@ -319,8 +319,9 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
       if (++o == stored) break;
       decode_key(keys[i], g.out_shape, g.ndim, out_indices + o * cols);
     }
-    out_nbr[o * K + pairs[i] % K] = static_cast<int32_t>(pairs[i] / K);
-    in_nbr[pairs[i]] = static_cast<int32_t>(o);
+    const int64_t row = pairs[i] >> 32, k = pairs[i] & 0xffffffff;
+    out_nbr[o * K + k] = static_cast<int32_t>(row);
+    in_nbr[row * K + k] = static_cast<int32_t>(o);
   }
   return ffi::Error::Success();
 }

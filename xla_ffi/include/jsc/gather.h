@@ -1,6 +1,6 @@
 // Building blocks of the CPU feature kernels: neighbour-map checks, the
-// pairs of a tile of output rows grouped by kernel offset, and packing of
-// gathered rows into contiguous buffers in the accumulation type.
+// pairs of a tile of output rows grouped by kernel offset, and gathered rows
+// in the accumulation type.
 #pragma once
 
 #include <algorithm>
@@ -122,27 +122,39 @@ class TilePairs {
   std::vector<int32_t> start_, next_, pos_, src_, flat_src_, flat_k_, flat_pos_;
 };
 
-// rows[j] = x[src[j], :] in Acc, for j < m: a pointer into x when T is Acc,
-// else a converted copy in `packed` [m, cols]. The rows are prefetched ahead:
-// the gathers miss the caches.
+// Rows x[src[j], :] in the accumulation type Acc, for j < m: pointers into x
+// when T is Acc, else converted copies in a buffer owned here (one per thread
+// and use, reused across calls). The rows are prefetched ahead: the gathers
+// miss the caches.
 template <typename T, typename Acc>
-void gather_rows(const T* x, int64_t cols, const int32_t* src, int64_t m,
-                 Acc* packed, const Acc** rows) {
-  constexpr int64_t kAhead = 32;
-  for (int64_t j = 0; j < m; ++j) {
-    if (j + kAhead < m) {
-      const char* ahead = reinterpret_cast<const char*>(x + static_cast<int64_t>(src[j + kAhead]) * cols);
-      for (int64_t b = 0; b < cols * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+class RowGather {
+ public:
+  const Acc* const* gather(const T* x, int64_t cols, const int32_t* src, int64_t m) {
+    constexpr int64_t kAhead = 32;
+    if (static_cast<int64_t>(rows_.size()) < m) rows_.resize(m);
+    if constexpr (!std::is_same_v<T, Acc>) {
+      if (static_cast<int64_t>(converted_.size()) < m * cols) converted_.resize(m * cols);
     }
-    const T* row = x + static_cast<int64_t>(src[j]) * cols;
-    if constexpr (std::is_same_v<T, Acc>) {
-      rows[j] = row;
-    } else {
-      Acc* out = packed + j * cols;
-      for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<Acc>(to_float(row[c]));
-      rows[j] = out;
+    for (int64_t j = 0; j < m; ++j) {
+      if (j + kAhead < m) {
+        const char* ahead = reinterpret_cast<const char*>(x + static_cast<int64_t>(src[j + kAhead]) * cols);
+        for (int64_t b = 0; b < cols * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+      }
+      const T* row = x + static_cast<int64_t>(src[j]) * cols;
+      if constexpr (std::is_same_v<T, Acc>) {
+        rows_[j] = row;
+      } else {
+        Acc* out = converted_.data() + j * cols;
+        for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<Acc>(to_float(row[c]));
+        rows_[j] = out;
+      }
     }
+    return rows_.data();
   }
-}
+
+ private:
+  std::vector<const Acc*> rows_;
+  std::vector<Acc> converted_;
+};
 
 }  // namespace jsc
