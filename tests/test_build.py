@@ -30,3 +30,16 @@ def test_cuda_module_imports_and_matches_the_cpu_targets():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=os.path.dirname(__file__))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_cuda_emulation_module_serves_the_cpu_targets():
+    """_cuda_emulated (built by default; JSC_CUDA_EMULATION=OFF skips it) holds the CUDA
+    handlers for every target of _cpu."""
+    try:
+        from jax_sparseconv import _cpu, _cuda_emulated
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("jax_sparseconv._cuda_emulated is not built")
+    assert sorted(_cuda_emulated.registrations()) == sorted(_cpu.registrations())
+    assert _cuda_emulated.ffi_api_version == _cpu.ffi_api_version

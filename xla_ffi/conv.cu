@@ -13,7 +13,9 @@
 // the shapes, sums each range into scratch memory and adds the ranges in
 // order in a second pass. No floating-point atomics.
 // Neighbour entries outside [-1, N) count as -1 (the CPU handlers reject them).
+#if !defined(JSC_CUDA_EMULATION)  // the emulator brings its own wmma
 #include <mma.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -241,7 +243,7 @@ ffi::Error GatherMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x,
     if (d.rows == 0 || d.cout == 0) return;
     const dim3 grid(static_cast<unsigned>(ceil_div(d.rows, kBM)),
                     static_cast<unsigned>(ceil_div(d.cout, kBN)));
-    gather_matmul_kernel<T, Tile><<<grid, kTileThreads, 0, stream>>>(
+    launch_grid(stream, grid, kTileThreads, gather_matmul_kernel<T, Tile>,
         reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
         reinterpret_cast<const T*>(w.untyped_data()), d.K, d.cout,
         nbr.typed_data(), d.rows,
@@ -259,7 +261,7 @@ int64_t grad_splits(int64_t tiles, int64_t K, int64_t rows) {
 }
 
 ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
-                                ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                                Scratch scratch, ffi::AnyBuffer x,
                                 ffi::AnyBuffer g, ffi::Buffer<ffi::S32> nbr,
                                 ffi::Result<ffi::AnyBuffer> dw) {
   MatmulDims d{};
@@ -285,7 +287,7 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
     }
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(d.K),
                     static_cast<unsigned>(splits));
-    gather_matmul_grad_kernel<T, Tile><<<grid, kTileThreads, 0, stream>>>(
+    launch_grid(stream, grid, kTileThreads, gather_matmul_grad_kernel<T, Tile>,
         reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
         reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(),
         d.rows, d.K, std::max<int64_t>(rows_per_split, kBK), col_tiles, partial);
@@ -304,6 +306,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl,
                               signature::gather_matmul(ffi::Ffi::Bind()
                                                        .Ctx<Stream>()
-                                                       .Ctx<ffi::ScratchAllocator>()));
+                                                       .Ctx<Scratch>()));
 
 }  // namespace jsc::gpu

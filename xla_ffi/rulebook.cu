@@ -12,8 +12,10 @@
 // Differences from the CPU handler: nothing is checked that needs the data on
 // the host. Rows outside batch_size x spatial_shape and all but the first row
 // of a duplicated site are treated as padding instead of raising an error.
+#if !defined(JSC_CUDA_EMULATION)  // the emulator brings its own cub
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_select.cuh>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -118,9 +120,11 @@ __global__ void store_outputs(ConvGeometry g, const uint64_t* unique,
   if (o >= out_capacity || o >= *stored) return;
   const int64_t key = static_cast<int64_t>(unique[o]);
   decode_key(key, g.out_shape, g.ndim, out_indices + o * (g.ndim + 1));
-  int64_t slot;
-  table.insert_key_concurrent(key, &slot);  // keys are unique: always inserted
-  table.slots[slot].value = static_cast<int32_t>(o);
+  int64_t slot = -1;
+  // Unique keys in a table of at least 4 x out_capacity slots: always inserted.
+  if (table.insert_key_concurrent(key, &slot) > 0) {
+    table.slots[slot].value = static_cast<int32_t>(o);
+  }
 }
 
 // in_nbr[r, k] = output reached (or -1); out_nbr[o, k] = r. Each (o, k) has
@@ -141,7 +145,7 @@ __global__ void generative_maps(ConvGeometry g, const int32_t* indices,
 
 // An empty hash table for n keys in scratch memory (all bytes 0xff: keys
 // kEmptyKey, values -1).
-ffi::Error empty_table(ffi::ScratchAllocator& scratch, cudaStream_t stream,
+ffi::Error empty_table(Scratch& scratch, cudaStream_t stream,
                        int64_t n, HashTableView* table) {
   table->size = hash_table_size(n);
   if (auto err = allocate(scratch, table->size, &table->slots); err.failure())
@@ -157,7 +161,7 @@ int end_bit(uint64_t max_key) {
 }
 
 // Regular and transposed rulebooks, after the active rows are marked.
-ffi::Error build_generative(cudaStream_t stream, ffi::ScratchAllocator& scratch,
+ffi::Error build_generative(cudaStream_t stream, Scratch& scratch,
                             const ConvGeometry& g, const int32_t* indices,
                             int64_t rows, const uint8_t* active,
                             int64_t out_capacity, int32_t* out_indices,
@@ -203,8 +207,8 @@ ffi::Error build_generative(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   launch(stream, pairs, reached_keys, g, indices, rows, active, none, keys);
   if (auto err = sort(temp, sort_bytes); err.failure()) return err;
   if (auto err = unique(temp, unique_bytes); err.failure()) return err;
-  count_outputs<<<1, 1, 0, stream>>>(keys, num_unique, none, out_capacity,
-                                     needed, stored);
+  launch_grid(stream, dim3(1), 1, count_outputs, keys, num_unique, none,
+              out_capacity, needed, stored);
   launch(stream, out_capacity, store_outputs, g, keys, stored, out_capacity,
          table, out_indices);
   launch(stream, pairs, generative_maps, g, indices, rows, active, table,
@@ -212,7 +216,7 @@ ffi::Error build_generative(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   return ffi::Error::Success();
 }
 
-ffi::Error BuildRulebookImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
+ffi::Error BuildRulebookImpl(cudaStream_t stream, Scratch scratch,
                              S32 indices, S32Result out_indices,
                              S32Result out_nbr, S32Result in_nbr,
                              S32Result needed, int64_t mode, int64_t batch_size,
@@ -280,6 +284,6 @@ ffi::Error BuildRulebookImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebook, BuildRulebookImpl,
                               signature::build_rulebook(ffi::Ffi::Bind()
                                                         .Ctx<Stream>()
-                                                        .Ctx<ffi::ScratchAllocator>()));
+                                                        .Ctx<Scratch>()));
 
 }  // namespace jsc::gpu

@@ -1,0 +1,2 @@
+// conv.cu compiled by the host compiler for the emulator (cuda_emulation.h).
+#include "../conv.cu"

@@ -1,0 +1,2 @@
+// pool.cu compiled by the host compiler for the emulator (cuda_emulation.h).
+#include "../pool.cu"
