@@ -31,7 +31,7 @@ CONV_DOC = """
       use_bias: add a learned bias at active output sites [bias].
       dtype: computation dtype (default: promoted from inputs and params).
       param_dtype: dtype of ``kernel`` ``(*kernel_size, C_in, C_out)`` and ``bias`` ``(C_out,)``.
-      precision: matmul precision of the ``xla`` backend (see ``functional.sparse_conv``).
+      precision: matmul precision (see ``functional.sparse_conv``: TF32 on CUDA unless "highest").
       kernel_init, bias_init: initializers, as in ``flax.linen.Conv``; ``kernel_init`` is
         called with the shape ``(kernel volume, C_in, C_out)`` (same fans, faster compile).
       indice_key: rulebook cache key [indice_key]; an inverse conv needs the key of the

@@ -149,8 +149,9 @@ def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1
         transposed ones (see ``ConvGeometry.default_out_capacity``). More sites raise
         ``CapacityOverflowError`` eagerly, or set the output's ``overflow`` record under
         ``jit`` (see ``jsc.check_overflow``).
-      precision: matmul precision of the ``xla`` backend (as in ``jnp.matmul``; it matters
-        on GPU and TPU). The ``ffi`` CPU kernels always multiply in full float32.
+      precision: matmul precision (as in ``jnp.matmul``; it matters on GPU and TPU). The
+        ``ffi`` CPU kernels always multiply in full float32; its CUDA kernels use TF32 tensor
+        cores for float32 unless precision is ``"highest"`` (as XLA's GPU matmuls do).
       backend: ``"xla"``, ``"ffi"`` or None (ffi on CPU when compiled, else xla).
 
     Returns:

@@ -185,6 +185,35 @@ def test_conv_matches_xla_and_dense(case, cuda, rng):
     assert not np.asarray(y.features)[~active].any()
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=_ids)
+def test_float32_uses_tf32_unless_precision_is_highest(case, cuda, rng):
+    """At default precision, float32 products run on TF32 tensor cores (inputs rounded to 10-bit
+    mantissas, as XLA's GPU matmuls do): within TF32 error of the dense reference, and not the
+    full-precision result; output and both gradients."""
+    mode, shape, k, _, _, _, (cin, cout), batch_size, density = case
+    x = T.random_tensor(rng, batch_size, shape, cin, density=density)
+    kernel = jnp.asarray(rng.normal(size=tuple(np.broadcast_to(k, len(shape))) + (cin, cout)) / np.sqrt(cin),
+                         jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(_conv(x, kernel, case, "xla").capacity, cout)), jnp.float32)
+
+    def value_and_grads(features, kernel, precision):
+        y = _conv(x.replace_feature(features), kernel, case, "ffi", precision=precision)
+        return y.features, *jax.grad(lambda f, w: jnp.sum(
+            _conv(x.replace_feature(f), w, case, "ffi", precision=precision).features * cotangent),
+            argnums=(0, 1))(features, kernel)
+
+    run = jax.jit(value_and_grads, static_argnums=2)
+    tf32, full = run(x.features, kernel, None), run(x.features, kernel, "highest")
+    with jax.default_matmul_precision("float32"):
+        assert not ffi.allows_tf32(None)
+        np.testing.assert_array_equal(jax.jit(value_and_grads, static_argnums=2)(x.features, kernel, None)[0],
+                                      full[0])
+    for ours, exact in zip(tf32, full):
+        scale = float(np.abs(np.asarray(exact)).max())
+        np.testing.assert_allclose(ours, exact, rtol=1e-2, atol=2e-3 * scale)
+        assert not np.array_equal(np.asarray(ours), np.asarray(exact)), "TF32 was not used"
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 5e-2), (jnp.float16, 5e-3), (jnp.float64, 1e-10)])
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[7]], ids=_ids)
 def test_conv_dtypes(case, dtype, tol, cuda, rng):
@@ -296,7 +325,7 @@ def test_vmap_folds(cuda, rng):
     kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 8, 5)), jnp.float32)
     down = (REGULAR,) + case[1:2] + ((3, 3, 3), 2, 1, 1, (8, 5), 2, 0.3)
     for c in (case, down):
-        batched = jax.jit(jax.vmap(lambda x, c=c: _conv(x, kernel, c, "ffi").features))(stacked)
+        batched = jax.jit(jax.vmap(lambda x, c=c: _conv(x, kernel, c, "ffi", precision="highest").features))(stacked)
         for i, x in enumerate(xs):
             np.testing.assert_allclose(batched[i], _conv(x, kernel, c, "xla", precision="highest").features,
                                        rtol=1e-5, atol=1e-5)
@@ -314,7 +343,7 @@ def test_out_of_range_neighbours_count_as_missing(name, cuda, rng):
     other = {"gather_matmul": (jnp.asarray(rng.normal(size=(k, cin, cout)), jnp.float32),),
              "gather_matmul_grad": (jnp.asarray(rng.normal(size=(m, cout)), jnp.float32),)}.get(name, ())
     precision = {"precision": "highest"} if name.startswith("gather_matmul") else {}
-    got = jax.block_until_ready(getattr(ffi, name)(x, *other, jnp.asarray(hostile, jnp.int32)))
+    got = jax.block_until_ready(getattr(ffi, name)(x, *other, jnp.asarray(hostile, jnp.int32), **precision))
     want = getattr(xla, name)(x, *other, jnp.asarray(cleaned), **precision)
     _assert_trees_close(got, want, rtol=1e-4, atol=1e-4)
 

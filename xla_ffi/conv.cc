@@ -217,9 +217,10 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
   });
 }
 
+// allow_tf32 is ignored: products on the CPU are always full float32.
 ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                             ffi::AnyBuffer w, ffi::Buffer<ffi::S32> nbr,
-                            ffi::Result<ffi::AnyBuffer> out) {
+                            ffi::Result<ffi::AnyBuffer> out, int64_t /*allow_tf32*/) {
   MatmulDims d{};
   if (auto err = check_gather_matmul(x, w, nbr, *out, &d); err.failure()) return err;
   const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
@@ -238,7 +239,7 @@ ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 
 ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                                 ffi::AnyBuffer g, ffi::Buffer<ffi::S32> nbr,
-                                ffi::Result<ffi::AnyBuffer> dw) {
+                                ffi::Result<ffi::AnyBuffer> dw, int64_t /*allow_tf32*/) {
   MatmulDims d{};
   if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, &d); err.failure())
     return err;

@@ -4,9 +4,10 @@
 // Both are implicit GEMMs on 64 x 64 output tiles: rows are gathered through
 // the neighbour map into shared memory, 16 reduction steps at a time, and
 // multiplied there. bfloat16 and float16 use tensor cores (wmma, float32
-// accumulation; products of half values are exact in float32); float32 and
-// float64 use CUDA-core FMAs in full precision (the handlers take no
-// precision attribute, so tf32 is not used). Tiles of 16 gathered rows that
+// accumulation; products of half values are exact in float32); float32 uses
+// them in TF32 where allow_tf32 says so (inputs rounded to 10-bit mantissas,
+// as XLA's GPU matmuls do at default precision), CUDA-core FMAs in full
+// precision otherwise, as float64 always does. Tiles of 16 gathered rows that
 // have no neighbour are skipped.
 // Deterministic: every output tile is summed by one thread block in a fixed
 // order; the kernel gradient splits the rows into a number of ranges fixed by
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "jsc/checks.h"
 #include "jsc/cuda_util.h"
@@ -85,26 +87,45 @@ struct SimtTile {
 };
 
 // Tensor cores: warp w owns the 32 x 32 quarter (w / 2, w % 2), as 2 x 2
-// fragments of 16 x 16 with float32 accumulators.
+// fragments of 16 x 16 with float32 accumulators. Half types multiply 16
+// reduction steps at a time; float32 (TF32) 8, rounding its fragments first.
 template <typename T>
 struct WmmaTile {
+  static constexpr bool kTf32 = std::is_same_v<T, float>;
+  static constexpr int kK = kTf32 ? 8 : 16;
+  using Element = std::conditional_t<kTf32, wmma::precision::tf32, T>;
   using In = T;
   using Out = float;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[2][2];
 
   __device__ void zero() {
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
 
+  template <typename Fragment>
+  __device__ static void round(Fragment& f) {
+    if constexpr (kTf32) {
+      for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+    }
+  }
+
   __device__ void mma(const In (*a)[kPitch], const In (*b)[kPitch]) {
     const int wm = threadIdx.x / 32 / 2 * 32, wn = threadIdx.x / 32 % 2 * 32;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &a[0][wm + 16 * i], kPitch);
-    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &b[0][wn + 16 * j], kPitch);
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    for (int k0 = 0; k0 < kBK; k0 += kK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, Element, wmma::col_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, kK, Element, wmma::row_major> fb[2];
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fa[i], &a[k0][wm + 16 * i], kPitch);
+        round(fa[i]);
+      }
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(fb[j], &b[k0][wn + 16 * j], kPitch);
+        round(fb[j]);
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
   }
 
   __device__ void store(Out* out, int64_t ld, int64_t m_valid, int64_t n_valid) {
@@ -123,9 +144,24 @@ struct WmmaTile {
   }
 };
 
-template <typename T> struct TileFor { using type = SimtTile<T>; };
-template <> struct TileFor<__half> { using type = WmmaTile<__half>; };
-template <> struct TileFor<__nv_bfloat16> { using type = WmmaTile<__nv_bfloat16>; };
+// Calls fn(tag) with tag::type the engine for storage type T: tensor cores
+// for the half types, and for float32 where TF32 is allowed.
+template <typename Tile> struct TileTag { using type = Tile; };
+
+template <typename T, typename Fn>
+void with_tile(bool allow_tf32, Fn&& fn) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    fn(TileTag<WmmaTile<T>>{});
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (allow_tf32) {
+      fn(TileTag<WmmaTile<float>>{});
+    } else {
+      fn(TileTag<SimtTile<float>>{});
+    }
+  } else {
+    fn(TileTag<SimtTile<T>>{});
+  }
+}
 
 // Forward: block (row tile, column tile) of out = sum_k gather(x, nbr[:, k]) @ w[k].
 template <typename T, typename Tile>
@@ -233,21 +269,23 @@ constexpr int64_t kMaxGridYZ = 65535;
 
 ffi::Error GatherMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x,
                             ffi::AnyBuffer w, ffi::Buffer<ffi::S32> nbr,
-                            ffi::Result<ffi::AnyBuffer> out) {
+                            ffi::Result<ffi::AnyBuffer> out, int64_t allow_tf32) {
   MatmulDims d{};
   if (auto err = check_gather_matmul(x, w, nbr, *out, &d); err.failure()) return err;
   if (ceil_div(d.cout, kBN) > kMaxGridYZ) return invalid("gather_matmul: Cout too large for a GPU grid");
   auto err = dispatch_float(x.element_type(), out->element_type(), "gather_matmul", [&](auto tag) {
     using T = device_t<decltype(tag)>;
-    using Tile = typename TileFor<T>::type;
     if (d.rows == 0 || d.cout == 0) return;
     const dim3 grid(static_cast<unsigned>(ceil_div(d.rows, kBM)),
                     static_cast<unsigned>(ceil_div(d.cout, kBN)));
-    launch_grid(stream, grid, kTileThreads, gather_matmul_kernel<T, Tile>,
-        reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
-        reinterpret_cast<const T*>(w.untyped_data()), d.K, d.cout,
-        nbr.typed_data(), d.rows,
-        reinterpret_cast<typename Tile::Out*>(out->untyped_data()));
+    with_tile<T>(allow_tf32 != 0, [&](auto tile) {
+      using Tile = typename decltype(tile)::type;
+      launch_grid(stream, grid, kTileThreads, gather_matmul_kernel<T, Tile>,
+                  reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
+                  reinterpret_cast<const T*>(w.untyped_data()), d.K, d.cout,
+                  nbr.typed_data(), d.rows,
+                  reinterpret_cast<typename Tile::Out*>(out->untyped_data()));
+    });
   });
   return err.failure() ? err : launch_error("gather_matmul");
 }
@@ -263,7 +301,7 @@ int64_t grad_splits(int64_t tiles, int64_t K, int64_t rows) {
 ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
                                 Scratch scratch, ffi::AnyBuffer x,
                                 ffi::AnyBuffer g, ffi::Buffer<ffi::S32> nbr,
-                                ffi::Result<ffi::AnyBuffer> dw) {
+                                ffi::Result<ffi::AnyBuffer> dw, int64_t allow_tf32) {
   MatmulDims d{};
   if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, &d); err.failure())
     return err;
@@ -271,8 +309,7 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
   ffi::Error failed = ffi::Error::Success();
   auto err = dispatch_float(x.element_type(), dw->element_type(), "gather_matmul_grad", [&](auto tag) {
     using T = device_t<decltype(tag)>;
-    using Tile = typename TileFor<T>::type;
-    using Out = typename Tile::Out;
+    using Out = typename Accum<decltype(tag)>::type;
     const int64_t size = d.K * d.cin * d.cout;
     if (size == 0) return;
     const int64_t col_tiles = ceil_div(d.cout, kBN);
@@ -287,10 +324,14 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
     }
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(d.K),
                     static_cast<unsigned>(splits));
-    launch_grid(stream, grid, kTileThreads, gather_matmul_grad_kernel<T, Tile>,
-        reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
-        reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(),
-        d.rows, d.K, std::max<int64_t>(rows_per_split, kBK), col_tiles, partial);
+    with_tile<T>(allow_tf32 != 0, [&](auto tile) {
+      using Tile = typename decltype(tile)::type;
+      static_assert(std::is_same_v<typename Tile::Out, Out>);
+      launch_grid(stream, grid, kTileThreads, gather_matmul_grad_kernel<T, Tile>,
+                  reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
+                  reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(),
+                  d.rows, d.K, std::max<int64_t>(rows_per_split, kBK), col_tiles, partial);
+    });
     if (splits > 1) launch(stream, size, sum_splits<Out>, partial, splits, size, result);
   });
   if (err.failure()) return err;

@@ -12,6 +12,8 @@ the half types).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,14 +165,24 @@ def _fold_build(indices, geometry: ConvGeometry, batch_size: int, out_capacity: 
     return item_indices, item_out_nbr, item_in_nbr, item_needed
 
 
-def _gather_matmul(x, w, nbr):
+def allows_tf32(precision) -> bool:
+    """Whether float32 products may round their inputs to TF32 (the CUDA handlers then use
+    tensor cores, as XLA's own GPU matmuls do): unless ``precision`` (or, where it is None,
+    ``jax_default_matmul_precision``) is ``"highest"`` / ``"float32"`` / ``Precision.HIGHEST``."""
+    if precision is None:
+        precision = jax.config.jax_default_matmul_precision
+    values = precision if isinstance(precision, (tuple, list)) else (precision,)
+    return not any(str(getattr(v, "name", v)).lower() in ("highest", "float32", "f32_f32_f32") for v in values)
+
+
+def _gather_matmul(x, w, nbr, allow_tf32):
     out = jax.ShapeDtypeStruct((nbr.shape[0], w.shape[2]), accumulator(x.dtype))
-    return _call("jsc_gather_matmul", out)(x, w.astype(x.dtype), nbr)[0]
+    return _call("jsc_gather_matmul", out)(x, w.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
 
 
-def _gather_matmul_grad(x, g, nbr):
+def _gather_matmul_grad(x, g, nbr, allow_tf32):
     out = jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], g.shape[1]), accumulator(x.dtype))
-    return _call("jsc_gather_matmul_grad", out)(x, g.astype(x.dtype), nbr)[0]
+    return _call("jsc_gather_matmul_grad", out)(x, g.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
 
 
 def _gather_sum(x, nbr):
@@ -190,7 +202,8 @@ def _gather_max_grad(g, argk, in_nbr):
     return _call("jsc_gather_max_grad", out)(g, argk, in_nbr)[0].astype(g.dtype)
 
 
-_gather_matmul_folding = _row_kernel(_gather_matmul, num_gathered=1)
+_gather_matmul_folding = {tf32: _row_kernel(functools.partial(_gather_matmul, allow_tf32=tf32), num_gathered=1)
+                          for tf32 in (False, True)}
 _gather_sum_folding = _row_kernel(_gather_sum, num_gathered=1)
 _gather_max_folding = _row_kernel(_gather_max, num_gathered=1)
 _gather_max_grad_folding = _row_kernel(_gather_max_grad, num_gathered=2)
@@ -199,20 +212,19 @@ _gather_max_grad_folding = _row_kernel(_gather_max_grad, num_gathered=2)
 def gather_matmul(x, w, nbr, precision=None):
     """``out[r] = sum_k x[nbr[r, k]] @ w[k]`` in the accumulation dtype (see xla.py).
 
-    ``precision`` is accepted for the common interface: products are always full float32.
+    ``precision``: on a CUDA GPU, float32 products use TF32 tensor cores where
+    ``allows_tf32(precision)``; on the CPU they are always full float32.
     """
-    del precision
-    return _gather_matmul_folding(x, w, nbr)
+    return _gather_matmul_folding[allows_tf32(precision)](x, w, nbr)
 
 
 def gather_matmul_grad(x, g, nbr, precision=None):
     """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py).
 
     Under vmap it runs once per item (the sums must stay per item): the handler's own
-    "sequential" batching.
+    "sequential" batching. ``precision`` as in ``gather_matmul``.
     """
-    del precision
-    return _gather_matmul_grad(x, g, nbr)
+    return _gather_matmul_grad(x, g, nbr, allows_tf32(precision))
 
 
 def gather_sum(x, nbr):

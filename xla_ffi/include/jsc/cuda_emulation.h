@@ -176,8 +176,9 @@ inline float __half2float(__half v) { return jsc::to_float(jsc::f16{v.bits}); }
 // ---- wmma (mma.h): fragments hold whole matrices ----------------------------
 //
 // A warp's fragment is kept by its lane 0 alone, which does the warp's loads,
-// products and stores; the other lanes' fragments are never read. Elements
-// are kept as float (half values convert exactly).
+// products and stores; the other lanes' fragments are never read (element-wise
+// updates of x, the same on every lane, stay right). Elements are kept as
+// float (half values convert exactly).
 
 namespace nvcuda::wmma {
 
@@ -187,15 +188,14 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
-  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-  float value[rows][cols];
-};
+namespace precision {
+struct tf32 {};  // float32 in memory, 10-bit mantissas in the products
+}  // namespace precision
 
 namespace detail {
+
+template <typename T> struct Storage { using type = T; };
+template <> struct Storage<precision::tf32> { using type = float; };
 
 inline bool warp_leader() { return threadIdx.x % 32 == 0; }
 
@@ -216,25 +216,47 @@ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 }  // namespace detail
 
-template <typename Use, int M, int N, int K, typename T, typename Layout>
-void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const T& value) {
-  if (!detail::warp_leader()) return;
-  for (auto& row : f.value) std::fill(std::begin(row), std::end(row), detail::to_float(value));
+// Element (i, j) of the fragment's matrix is x[i * cols + j].
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  float x[num_elements];
+};
+
+// Round to nearest, ties away from zero, to 10 mantissa bits (cvt.rna.tf32.f32).
+inline float __float_to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000) != 0x7f800000) u = (u + 0x1000) & 0xffffe000;
+  std::memcpy(&v, &u, 4);
+  return v;
 }
 
-// Element (i, j) at ptr[i * ldm + j] (row major) or ptr[i + j * ldm].
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* ptr, unsigned ldm) {
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const typename detail::Storage<T>::type& value) {
+  if (!detail::warp_leader()) return;
+  std::fill(std::begin(f.x), std::end(f.x), detail::to_float(value));
+}
+
+// Element (i, j) from ptr[i * ldm + j] (row major) or ptr[i + j * ldm].
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const typename detail::Storage<T>::type* ptr,
+                      unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "accumulators load with a layout_t");
   if (!detail::warp_leader()) return;
   detail::check_tile_pointer(ptr, ldm, "load_matrix_sync");
   constexpr bool by_rows = std::is_same_v<Layout, row_major>;
-  for (int i = 0; i < f.rows; ++i)
+  for (int i = 0; i < f.rows; ++i) {
     for (int j = 0; j < f.cols; ++j) {
-      f.value[i][j] = detail::to_float(by_rows ? ptr[i * ldm + j] : ptr[i + j * ldm]);
+      f.x[i * f.cols + j] = detail::to_float(by_rows ? ptr[i * ldm + j] : ptr[i + j * ldm]);
     }
+  }
 }
 
+// The products of tf32 fragments use the values as they are: the caller
+// rounds them with __float_to_tf32 (as CUDA requires).
 template <int M, int N, int K, typename Tc, typename Ta, typename La, typename Tb, typename Lb>
 void mma_sync(fragment<accumulator, M, N, K, Tc>& d, const fragment<matrix_a, M, N, K, Ta, La>& a,
               const fragment<matrix_b, M, N, K, Tb, Lb>& b,
@@ -243,9 +265,9 @@ void mma_sync(fragment<accumulator, M, N, K, Tc>& d, const fragment<matrix_a, M,
   fragment<accumulator, M, N, K, Tc> sum;
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < N; ++j) {
-      Tc s = c.value[i][j];
-      for (int k = 0; k < K; ++k) s += a.value[i][k] * b.value[k][j];
-      sum.value[i][j] = s;
+      float s = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) s += a.x[i * K + k] * b.x[k * N + j];
+      sum.x[i * N + j] = s;
     }
   }
   d = sum;
@@ -258,7 +280,7 @@ void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& f, unsig
   detail::check_tile_pointer(ptr, ldm, "store_matrix_sync");
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j)
-      (layout == mem_row_major ? ptr[i * ldm + j] : ptr[i + j * ldm]) = f.value[i][j];
+      (layout == mem_row_major ? ptr[i * ldm + j] : ptr[i + j * ldm]) = f.x[i * N + j];
 }
 
 }  // namespace nvcuda::wmma

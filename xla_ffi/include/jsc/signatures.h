@@ -38,12 +38,15 @@ auto build_rulebook(Binding&& binding) {
 
 // GatherMatmul: x [N, C_in], w [K, C_in, C_out], nbr [M, K] -> out [M, C_out]
 // GatherMatmulGrad: x [N, C_in], g [M, C_out], nbr [M, K] -> dw [K, C_in, C_out]
+// allow_tf32 (0 or 1): float32 products may round their inputs to TF32 (the
+// CUDA handlers then use tensor cores; the CPU handlers never round).
 template <typename Binding>
 auto gather_matmul(Binding&& binding) {
   return std::move(binding).template Arg<ffi::AnyBuffer>()
       .template Arg<ffi::AnyBuffer>()
       .template Arg<ffi::Buffer<ffi::S32>>()
-      .template Ret<ffi::AnyBuffer>();
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<int64_t>("allow_tf32");
 }
 
 // x [N, C], nbr [M, K] -> out [M, C]
