@@ -9,6 +9,7 @@ device and the dense float64 reference, run two ways (the ``cuda`` fixture):
   and sorts) on machines without a GPU, not the hardware.
 """
 
+import contextlib
 import os
 import re
 
@@ -62,6 +63,13 @@ def cuda(request, monkeypatch):
         with jax.default_device(_gpus()[0]):
             yield "gpu"
         return
+    with _emulated_handlers(monkeypatch):
+        yield "cpu"
+
+
+@contextlib.contextmanager
+def _emulated_handlers(monkeypatch):
+    """``backend="ffi"`` on the CPU calls the emulated CUDA handlers."""
     if _cuda_emulated is None:
         if os.environ.get("CI"):
             pytest.fail("jax_sparseconv._cuda_emulated was not built (JSC_CUDA_EMULATION=OFF?)")
@@ -71,7 +79,7 @@ def cuda(request, monkeypatch):
     jax.clear_caches()  # no trace made with the CPU handlers may serve this test, nor this one's later tests
     grids = _cuda_emulated.grids_run()
     with jax.default_device(CPU):
-        yield "cpu"
+        yield
     jax.clear_caches()
     assert _cuda_emulated.grids_run() > grids, "the emulated CUDA handlers never ran"
 
@@ -364,3 +372,50 @@ def test_the_emulator_reports_kernel_mistakes(kernel, error):
     else:
         assert re.search(error, message), message
     assert _cuda_emulated.self_test("count_odd_threads") == ("", [32, 32, 32])  # the error was cleared
+
+
+def test_the_emulator_exposes_races_by_thread_order():
+    """A kernel that reads shared memory another thread writes, with no barrier between, gives
+    other results when the block's threads run in the reverse order; a correct one does not."""
+    if _cuda_emulated is None:
+        pytest.skip("jax_sparseconv._cuda_emulated was not built")
+    try:
+        results = {}
+        for reverse in (False, True):
+            _cuda_emulated.set_reverse_order(reverse)
+            results[reverse] = [_cuda_emulated.self_test(k) for k in ("missing_barrier", "count_odd_threads")]
+    finally:
+        _cuda_emulated.set_reverse_order(False)
+    assert results[True][0] == ("", [1, 2, 3]) and results[False][0] != results[True][0]
+    assert results[False][1] == results[True][1] == ("", [32, 32, 32])
+
+
+@pytest.mark.parametrize("dtype, precision", [(jnp.float32, "highest"), (jnp.float32, None), (jnp.bfloat16, None),
+                                              (jnp.float64, None)])
+def test_the_cuda_kernels_do_not_race(dtype, precision, monkeypatch, rng):
+    """Every CUDA kernel (rulebooks, both convolution engines with their tiles, row splits of the
+    kernel gradient, pools) on the emulator: bitwise the same rulebook, outputs and gradients when
+    each block's threads run from the last to the first, so no thread reads what another writes
+    between barriers."""
+    case = CASES[4]  # strided: generative rulebook; 5000+ rows: several row splits in the kernel gradient
+    with jax.enable_x64(dtype == jnp.float64), _emulated_handlers(monkeypatch):
+        x = T.random_tensor(rng, 2, case[1], 32, density=0.2)
+        x = x.replace_feature(x.features.astype(dtype))
+        kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 32, 64)) / 6, dtype)
+
+        def loss(features, kernel):
+            y = _conv(x.replace_feature(features), kernel, case, "ffi", precision=precision)
+            y = jsc.sparse_conv(y, jnp.swapaxes(kernel, -1, -2), subm=True, backend="ffi", precision=precision)
+            pooled = jsc.sparse_max_pool(y, 2, backend="ffi")
+            return jnp.sum(pooled.features.astype(jnp.float32) ** 2), (y.indices, y.features)
+
+        run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        results = {}
+        try:
+            for reverse in (False, True):
+                _cuda_emulated.set_reverse_order(reverse)
+                results[reverse] = jax.block_until_ready(run(x.features, kernel))
+        finally:
+            _cuda_emulated.set_reverse_order(False)
+    for a, b in zip(jax.tree_util.tree_leaves(results[False]), jax.tree_util.tree_leaves(results[True])):
+        np.testing.assert_array_equal(a, b)

@@ -120,6 +120,7 @@ struct Block {
 };
 
 thread_local Block block;
+std::atomic<bool> reverse_order{false};
 thread_local bool failed = false;
 thread_local std::string error_message;
 std::atomic<int64_t> grid_count{0};
@@ -160,8 +161,10 @@ bool run_block(int64_t threads) {
     start_context(f.context, block.stacks[t]->top(), kStackBytes, fiber_main);
     f.state = State::kRunnable;
   }
+  const bool reverse = reverse_order.load(std::memory_order_relaxed);
   while (true) {
-    for (int64_t t = 0; t < threads; ++t) {
+    for (int64_t i = 0; i < threads; ++i) {
+      const int64_t t = reverse ? threads - 1 - i : i;
       if (block.fibers[t].state != State::kRunnable) continue;
       block.current = t;
       set_thread_index(t, blockDim);
@@ -240,8 +243,14 @@ int barrier(int predicate, bool counting) {
 
 int64_t grids_run() { return grid_count.load(std::memory_order_relaxed); }
 
+void set_reverse_order(bool reverse) { reverse_order.store(reverse, std::memory_order_relaxed); }
+
 std::optional<void*> HostScratch::Allocate(size_t bytes, size_t alignment) {
-  blocks_.push_back(std::make_unique<std::byte[]>(bytes + alignment));
+  // Uninitialised, as XLA's device memory is: filled with 0xa5 bytes (a
+  // float32 of -2.9e-16, an int32 of -1515870811) that a kernel relying on
+  // zeros would carry into its results.
+  blocks_.push_back(std::unique_ptr<std::byte[]>(new std::byte[bytes + alignment]));
+  std::memset(blocks_.back().get(), 0xa5, bytes + alignment);
   const uintptr_t start = reinterpret_cast<uintptr_t>(blocks_.back().get());
   return reinterpret_cast<void*>((start + alignment - 1) / alignment * alignment);
 }

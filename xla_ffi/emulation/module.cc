@@ -30,6 +30,13 @@ void divergent_barrier(int*) {
   if (threadIdx.x < 32) __syncthreads();
 }
 
+void missing_barrier(int* results) {
+  __shared__ int value[64];
+  value[threadIdx.x] = static_cast<int>(blockIdx.x) + 1;
+  // A __syncthreads() belongs here: thread 0 reads what thread 63 writes.
+  if (threadIdx.x == 0) results[blockIdx.x] = value[63];
+}
+
 void misaligned_wmma(int*) {
   __shared__ __align__(32) __half tile[16 * 24];
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
@@ -37,10 +44,11 @@ void misaligned_wmma(int*) {
 }
 
 // Runs kernel `name` on 3 blocks of 64 threads: (the error message or "",
-// the per-block results of count_odd_threads).
+// the per-block results of count_odd_threads and missing_barrier).
 std::pair<std::string, std::vector<int>> self_test(const std::string& name) {
   std::vector<int> counts(3, -1);
   void (*kernel)(int*) = name == "count_odd_threads" ? count_odd_threads
+                         : name == "missing_barrier" ? missing_barrier
                          : name == "divergent_barrier" ? divergent_barrier
                          : name == "misaligned_wmma" ? misaligned_wmma
                                                      : nullptr;
@@ -64,8 +72,10 @@ NB_MODULE(_cuda_emulated, m) {
   JSC_DEFINE_MODULE_ATTRS(m, jsc::gpu);
   m.def("grids_run", &jsc::emulation::grids_run,
         "The number of emulated kernel launches in this process.");
+  m.def("set_reverse_order", &jsc::emulation::set_reverse_order,
+        "Test hook: run each block's threads from the last to the first between barriers.");
   m.def("self_test", &jsc::emulation::self_test,
-        "Test hook: runs a kernel that is correct (count_odd_threads) or makes a mistake the "
-        "emulator reports (divergent_barrier, misaligned_wmma, oversized_grid); returns "
-        "(error message or '', per-block counts).");
+        "Test hook: runs a kernel that is correct (count_odd_threads), races (missing_barrier) "
+        "or makes a mistake the emulator reports (divergent_barrier, misaligned_wmma, "
+        "oversized_grid); returns (error message or '', per-block results).");
 }

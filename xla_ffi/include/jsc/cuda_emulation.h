@@ -11,9 +11,10 @@
 // grids or blocks beyond the CUDA limits, wmma pointers or leading
 // dimensions that break the alignment rules.
 //
-// Not emulated: concurrency within a block (races on shared memory go
-// unnoticed), warp-level execution, memory spaces (every pointer is a host
-// pointer), timing.
+// Races between barriers show up as results that change when the threads run
+// in the reverse order (set_reverse_order); scratch memory comes filled with
+// garbage. Not emulated: true concurrency, warp-level execution, memory
+// spaces (every pointer is a host pointer), timing.
 #pragma once
 
 #if !defined(JSC_CUDA_EMULATION)
@@ -94,6 +95,11 @@ int barrier(int predicate, bool counting);
 
 // Grids run by this process (a test hook: proves the emulated handlers ran).
 int64_t grids_run();
+
+// Between barriers, run a block's threads from the last to the first (true)
+// or from the first (false, the default). Kernels without races on shared or
+// global memory give the same results either way.
+void set_reverse_order(bool reverse);
 
 // The stream of the emulated handlers: none (work runs when launched).
 struct NoStream {};
