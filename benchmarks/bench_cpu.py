@@ -4,7 +4,10 @@
 
 ``--device gpu`` runs the same cases, printing the same tables, on JAX's first GPU (the ffi
 backend then runs the CUDA handlers of ``jax_sparseconv._cuda``); spconv runs there too when
-``torch.cuda.is_available()``, and is left out otherwise. On a GPU the peak-RSS columns of
+``torch.cuda.is_available()``, and is left out otherwise. ``--precision highest`` keeps float32
+products exact there; by default the xla backend and the CUDA kernels use TF32, as XLA does, and
+so does spconv (``spconv.constants.SPCONV_ALLOW_TF32``, False in spconv itself, is set to match).
+On a GPU the peak-RSS columns of
 the network table stay empty (host memory says little there); XLA's buffer count remains.
 
 Inputs: KITTI scans from ../shared/data/kitti voxelized at 0.05 m over their whole extent
@@ -361,6 +364,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="where JAX (and spconv, if torch sees a GPU) runs the cases")
+    parser.add_argument("--precision", choices=["default", "highest"], default="default",
+                        help="jax_default_matmul_precision for float32: on a GPU, 'default' lets the xla "
+                             "backend and the CUDA kernels use TF32; no effect on the CPU kernels")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -378,12 +384,15 @@ def main():
 
     global spconv, TORCH_DEVICE
     jax.config.update("jax_default_device", jax.devices(args.device)[0])
+    jax.config.update("jax_default_matmul_precision", None if args.precision == "default" else "highest")
     if args.device == "gpu":
         TORCH_DEVICE = "cuda"
         if spconv is not None and not torch.cuda.is_available():
             print("spconv left out: torch sees no GPU (torch.cuda.is_available() is False)")
             spconv = None
-    machine = dict(device=str(jax.devices(args.device)[0]), platform=platform.platform(),
+        if spconv is not None:  # its float32 products as ours: TF32 unless --precision highest
+            importlib.import_module("spconv.constants").SPCONV_ALLOW_TF32 = args.precision == "default"
+    machine = dict(device=str(jax.devices(args.device)[0]), precision=args.precision, platform=platform.platform(),
                    processor=platform.processor(), cpus=os.cpu_count(),
                    jax=jax.__version__, spconv=None if spconv is None else importlib.metadata.version("spconv"),
                    torch=None if torch is None else torch.__version__, build=jsc.build_info())

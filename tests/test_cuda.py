@@ -78,9 +78,11 @@ def _emulated_handlers(monkeypatch):
     monkeypatch.setattr(ffi, "_call", lambda target, *out_types: call(EMULATED + target, *out_types))
     jax.clear_caches()  # no trace made with the CPU handlers may serve this test, nor this one's later tests
     grids = _cuda_emulated.grids_run()
-    with jax.default_device(CPU):
-        yield
-    jax.clear_caches()
+    try:
+        with jax.default_device(CPU):
+            yield
+    finally:
+        jax.clear_caches()
     assert _cuda_emulated.grids_run() > grids, "the emulated CUDA handlers never ran"
 
 
