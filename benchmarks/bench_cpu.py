@@ -10,8 +10,8 @@ so does spconv (``spconv.constants.SPCONV_ALLOW_TF32``, False in spconv itself, 
 On a GPU the peak-RSS columns of
 the network table stay empty (host memory says little there); XLA's buffer count remains.
 
-Inputs: KITTI scans from ../shared/data/kitti voxelized at 0.05 m over their whole extent
-(about 80-90k voxels each). Each case reports the median of ``--repeats`` timed runs after
+Inputs: KITTI scans from ../shared/data/kitti (or the folder ``JSC_KITTI_DIR`` names)
+voxelized at 0.05 m over their whole extent (about 80-90k voxels each). Each case reports the median of ``--repeats`` timed runs after
 a warm-up, its ratio to spconv measured in the same run, the achieved GFLOP/s
 (2 x pairs x C_in x C_out / time), and the dense matmul rate of XLA for the same
 ``[pairs, C_in] x [C_in, C_out]`` shape. spconv (``pip install spconv==2.3.8 torch==2.13.0``)
@@ -51,7 +51,7 @@ import jax_sparseconv as jsc
 from jax_sparseconv import models, spconv_reference
 from jax_sparseconv.utils import kitti_tensor
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kitti"
+DATA = Path(os.environ.get("JSC_KITTI_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kitti"))
 FULL_RANGE = (-80.0, -80.0, -5.0, 80.0, 80.0, 3.0)  # covers every point of the scans
 SCANS = ["000000.bin", "000001.bin"]
 

@@ -8,13 +8,17 @@
 // them in TF32 where allow_tf32 says so (inputs rounded to 10-bit mantissas,
 // as XLA's GPU matmuls do at default precision), CUDA-core FMAs in full
 // precision otherwise, as float64 always does. Tiles of 16 gathered rows that
-// have no neighbour are skipped.
+// have no neighbour are skipped. As in spconv's implicit GEMM, the rows are
+// taken in the order of their neighbour masks (bit k: a neighbour through
+// offset k), so that the rows of a tile mostly share their offsets and a tile
+// skips the offsets that none of its rows has.
 // Deterministic: every output tile is summed by one thread block in a fixed
 // order; the kernel gradient splits the rows into a number of ranges fixed by
 // the shapes, sums each range into scratch memory and adds the ranges in
 // order in a second pass. No floating-point atomics.
 // Neighbour entries outside [-1, N) count as -1 (the CPU handlers reject them).
-#if !defined(JSC_CUDA_EMULATION)  // the emulator brings its own wmma
+#if !defined(JSC_CUDA_EMULATION)  // the emulator brings its own wmma and cub
+#include <cub/device/device_radix_sort.cuh>
 #include <mma.h>
 #endif
 
@@ -43,6 +47,18 @@ constexpr int kBN = 64;       // tile columns (output channels)
 constexpr int kBK = 16;       // reduction step
 constexpr int kPitch = 72;    // row pitch of the shared tiles (elements)
 constexpr int kTileThreads = 128;
+
+// Where a tile's row m goes in the output: row m below `count`, else nowhere.
+struct FirstRows {
+  int64_t count;
+  __device__ int64_t operator()(int m) const { return m < count ? m : -1; }
+};
+
+// Row rows[m] (-1: nowhere).
+struct ListedRows {
+  const int32_t* rows;
+  __device__ int64_t operator()(int m) const { return rows[m]; }
+};
 
 // The shared tiles of one reduction step: a[kk][m] = A[m, kk] (A stored
 // transposed, so that both tiles load along their contiguous global axis)
@@ -75,12 +91,15 @@ struct SimtTile {
     }
   }
 
-  // out[m * ld + n] for m < m_valid, n < n_valid.
-  __device__ void store(Out* out, int64_t ld, int64_t m_valid, int64_t n_valid) {
+  // out[row(m) * ld + n] for the tile's rows m with row(m) >= 0, n < n_valid.
+  template <typename RowOf>
+  __device__ void store(Out* out, int64_t ld, RowOf row, int64_t n_valid) {
     const int tr = threadIdx.x / 8 * 4, tc = threadIdx.x % 8;
     for (int i = 0; i < 4; ++i) {
+      const int64_t r = row(tr + i);
+      if (r < 0) continue;
       for (int j = 0; j < 8; ++j) {
-        if (tr + i < m_valid && tc + 8 * j < n_valid) out[(tr + i) * ld + tc + 8 * j] = acc[i][j];
+        if (tc + 8 * j < n_valid) out[r * ld + tc + 8 * j] = acc[i][j];
       }
     }
   }
@@ -128,7 +147,8 @@ struct WmmaTile {
     }
   }
 
-  __device__ void store(Out* out, int64_t ld, int64_t m_valid, int64_t n_valid) {
+  template <typename RowOf>
+  __device__ void store(Out* out, int64_t ld, RowOf row, int64_t n_valid) {
     constexpr int kCPitch = kBN + 4;
     __shared__ __align__(32) float c[kBM][kCPitch];
     const int wm = threadIdx.x / 32 / 2 * 32, wn = threadIdx.x / 32 % 2 * 32;
@@ -139,7 +159,8 @@ struct WmmaTile {
     __syncthreads();
     for (int e = threadIdx.x; e < kBM * kBN; e += kTileThreads) {
       const int m = e / kBN, n = e % kBN;
-      if (m < m_valid && n < n_valid) out[m * ld + n] = c[m][n];
+      const int64_t r = row(m);
+      if (r >= 0 && n < n_valid) out[r * ld + n] = c[m][n];
     }
   }
 };
@@ -163,26 +184,37 @@ void with_tile(bool allow_tf32, Fn&& fn) {
   }
 }
 
-// Forward: block (row tile, column tile) of out = sum_k gather(x, nbr[:, k]) @ w[k].
+// The row that the tile position i (of rows) takes: order[i], or i.
+__device__ __forceinline__ int32_t row_at(const int32_t* order, int64_t i) {
+  return order ? order[i] : static_cast<int32_t>(i);
+}
+
+// Forward: block (row tile, column tile) of out = sum_k gather(x, nbr[:, k]) @ w[k],
+// the tile's rows taken from `order` (nullptr: in order).
 template <typename T, typename Tile>
 __global__ void __launch_bounds__(kTileThreads)
 gather_matmul_kernel(const T* x, int64_t n, int64_t cin, const T* w, int64_t K,
                      int64_t cout, const int32_t* nbr, int64_t rows,
-                     typename Tile::Out* out) {
+                     const int32_t* order, typename Tile::Out* out) {
   using In = typename Tile::In;
   __shared__ __align__(32) In a[kBK][kPitch];
   __shared__ __align__(32) In b[kBK][kPitch];
   __shared__ int32_t src[kBM];
+  __shared__ int32_t dst[kBM];  // the output row of each tile row, or -1
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  if (threadIdx.x < kBM) {
+    dst[threadIdx.x] = r0 + threadIdx.x < rows ? row_at(order, r0 + threadIdx.x) : -1;
+  }
+  __syncthreads();
   const In zero(0.0f);
   Tile tile;
   tile.zero();
   for (int64_t k = 0; k < K; ++k) {
     int found = 0;
     if (threadIdx.x < kBM) {
-      const int64_t r = r0 + threadIdx.x;
-      const int32_t s = r < rows ? safe_row(nbr[r * K + k], n) : -1;
+      const int32_t r = dst[threadIdx.x];
+      const int32_t s = r >= 0 ? safe_row(nbr[static_cast<int64_t>(r) * K + k], n) : -1;
       src[threadIdx.x] = s;
       found = s >= 0;
     }
@@ -204,21 +236,23 @@ gather_matmul_kernel(const T* x, int64_t n, int64_t cin, const T* w, int64_t K,
       __syncthreads();
     }
   }
-  tile.store(out + r0 * cout + n0, cout, rows - r0, cout - n0);
+  tile.store(out + n0, cout, ListedRows{dst}, cout - n0);
 }
 
 // Kernel gradient, block (input-channel tile x output-channel tile, k, split):
-// partial[split, k] = sum over the split's rows r of x[nbr[r, k]]^T g[r].
+// partial[split, k] = sum over the split's rows r of x[nbr[r, k]]^T g[r], the
+// split being a range of positions in `order` (nullptr: in order).
 template <typename T, typename Tile>
 __global__ void __launch_bounds__(kTileThreads)
 gather_matmul_grad_kernel(const T* x, int64_t n, int64_t cin, const T* g,
                           int64_t cout, const int32_t* nbr, int64_t rows,
-                          int64_t K, int64_t rows_per_split, int64_t col_tiles,
-                          typename Tile::Out* partial) {
+                          const int32_t* order, int64_t K, int64_t rows_per_split,
+                          int64_t col_tiles, typename Tile::Out* partial) {
   using In = typename Tile::In;
   __shared__ __align__(32) In a[kBK][kPitch];
   __shared__ __align__(32) In b[kBK][kPitch];
   __shared__ int32_t src[kBK];
+  __shared__ int32_t grow[kBK];  // the row of g of each of the kBK rows
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) / col_tiles * kBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) % col_tiles * kBN;
   const int64_t k = blockIdx.y, split = blockIdx.z;
@@ -230,8 +264,9 @@ gather_matmul_grad_kernel(const T* x, int64_t n, int64_t cin, const T* g,
   for (int64_t r0 = begin; r0 < end; r0 += kBK) {
     int found = 0;
     if (threadIdx.x < kBK) {
-      const int64_t r = r0 + threadIdx.x;
-      const int32_t s = r < end ? safe_row(nbr[r * K + k], n) : -1;
+      const int32_t r = r0 + threadIdx.x < end ? row_at(order, r0 + threadIdx.x) : -1;
+      const int32_t s = r >= 0 ? safe_row(nbr[static_cast<int64_t>(r) * K + k], n) : -1;
+      grow[threadIdx.x] = r;
       src[threadIdx.x] = s;
       found = s >= 0;
     }
@@ -244,13 +279,14 @@ gather_matmul_grad_kernel(const T* x, int64_t n, int64_t cin, const T* g,
     for (int e = threadIdx.x; e < kBK * kBN; e += kTileThreads) {
       const int kk = e / kBN, j = e % kBN;
       b[kk][j] = src[kk] >= 0 && n0 + j < cout
-                     ? g[(r0 + kk) * cout + n0 + j] : zero;
+                     ? g[static_cast<int64_t>(grow[kk]) * cout + n0 + j] : zero;
     }
     __syncthreads();
     tile.mma(a, b);
     __syncthreads();
   }
-  tile.store(partial + ((split * K + k) * cin + i0) * cout + n0, cout, cin - i0, cout - n0);
+  tile.store(partial + ((split * K + k) * cin + i0) * cout + n0, cout, FirstRows{cin - i0},
+             cout - n0);
 }
 
 // out[e] = sum over s (in order) of partial[s, e].
@@ -267,12 +303,62 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int64_t kMaxGridYZ = 65535;
 
-ffi::Error GatherMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x,
+// masks[r]: bit k set where row r of nbr has a neighbour through offset k;
+// identity[r] = r.
+__global__ void neighbour_masks(const int32_t* nbr, int64_t n, int64_t rows, int64_t K,
+                                uint64_t* masks, int32_t* identity) {
+  const int64_t r = thread_index();
+  if (r >= rows) return;
+  uint64_t mask = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    mask |= static_cast<uint64_t>(safe_row(nbr[r * K + k], n) >= 0) << k;
+  }
+  masks[r] = mask;
+  identity[r] = static_cast<int32_t>(r);
+}
+
+// *order: the rows of nbr [rows, K] sorted stably by their neighbour masks
+// (in scratch memory), or nullptr (rows in order) where the masks do not fit
+// 64 bits or one tile holds every row.
+ffi::Error mask_order(cudaStream_t stream, Scratch& scratch, const int32_t* nbr, int64_t n,
+                      int64_t rows, int64_t K, const int32_t** order) {
+  *order = nullptr;
+  if (K > 64 || rows <= kBM || rows > INT32_MAX) return ffi::Error::Success();
+  uint64_t *masks = nullptr, *sorted_masks = nullptr;
+  int32_t *identity = nullptr, *sorted = nullptr;
+  uint8_t* temp = nullptr;
+  size_t temp_bytes = 0;
+  // The first call only sets temp_bytes.
+  auto sort = [&] {
+    return cuda_error(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, masks, sorted_masks,
+                                                      identity, sorted, static_cast<int>(rows),
+                                                      0, static_cast<int>(K), stream),
+                      "gather_matmul: sort rows by neighbour mask");
+  };
+  if (auto err = sort(); err.failure()) return err;
+  for (auto err : {allocate(scratch, rows, &masks), allocate(scratch, rows, &sorted_masks),
+                   allocate(scratch, rows, &identity), allocate(scratch, rows, &sorted),
+                   allocate(scratch, static_cast<int64_t>(temp_bytes), &temp)}) {
+    if (err.failure()) return err;
+  }
+  launch(stream, rows, neighbour_masks, nbr, n, rows, K, masks, identity);
+  if (auto err = sort(); err.failure()) return err;
+  *order = sorted;
+  return ffi::Error::Success();
+}
+
+ffi::Error GatherMatmulImpl(cudaStream_t stream, Scratch scratch, ffi::AnyBuffer x,
                             ffi::AnyBuffer w, ffi::Buffer<ffi::S32> nbr,
                             ffi::Result<ffi::AnyBuffer> out, int64_t allow_tf32) {
   MatmulDims d{};
   if (auto err = check_gather_matmul(x, w, nbr, *out, &d); err.failure()) return err;
   if (ceil_div(d.cout, kBN) > kMaxGridYZ) return invalid("gather_matmul: Cout too large for a GPU grid");
+  const int32_t* order = nullptr;
+  if (d.cout > 0) {
+    if (auto err = mask_order(stream, scratch, nbr.typed_data(), d.n, d.rows, d.K, &order);
+        err.failure())
+      return err;
+  }
   auto err = dispatch_float(x.element_type(), out->element_type(), "gather_matmul", [&](auto tag) {
     using T = device_t<decltype(tag)>;
     if (d.rows == 0 || d.cout == 0) return;
@@ -283,7 +369,7 @@ ffi::Error GatherMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x,
       launch_grid(stream, grid, kTileThreads, gather_matmul_kernel<T, Tile>,
                   reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
                   reinterpret_cast<const T*>(w.untyped_data()), d.K, d.cout,
-                  nbr.typed_data(), d.rows,
+                  nbr.typed_data(), d.rows, order,
                   reinterpret_cast<typename Tile::Out*>(out->untyped_data()));
     });
   });
@@ -306,6 +392,12 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
   if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, &d); err.failure())
     return err;
   if (d.K > kMaxGridYZ) return invalid("gather_matmul_grad: kernel volume too large for a GPU grid");
+  const int32_t* order = nullptr;
+  if (d.K * d.cin * d.cout > 0) {
+    if (auto err = mask_order(stream, scratch, nbr.typed_data(), d.n, d.rows, d.K, &order);
+        err.failure())
+      return err;
+  }
   ffi::Error failed = ffi::Error::Success();
   auto err = dispatch_float(x.element_type(), dw->element_type(), "gather_matmul_grad", [&](auto tag) {
     using T = device_t<decltype(tag)>;
@@ -330,7 +422,8 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
       launch_grid(stream, grid, kTileThreads, gather_matmul_grad_kernel<T, Tile>,
                   reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
                   reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(),
-                  d.rows, d.K, std::max<int64_t>(rows_per_split, kBK), col_tiles, partial);
+                  d.rows, order, d.K, std::max<int64_t>(rows_per_split, kBK), col_tiles,
+                  partial);
     });
     if (splits > 1) launch(stream, size, sum_splits<Out>, partial, splits, size, result);
   });
@@ -342,7 +435,9 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl,
-                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<Stream>()));
+                              signature::gather_matmul(ffi::Ffi::Bind()
+                                                       .Ctx<Stream>()
+                                                       .Ctx<Scratch>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl,
                               signature::gather_matmul(ffi::Ffi::Bind()

@@ -291,27 +291,40 @@ void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& f, unsig
 
 }  // namespace nvcuda::wmma
 
-// ---- cub: the two device-wide algorithms of rulebook.cu ---------------------
+// ---- cub: the device-wide algorithms of rulebook.cu and conv.cu -------------
 //
 // Same calling protocol: a call without temporary storage only sets its size.
 
 namespace cub {
 
 struct DeviceRadixSort {
-  // Sorts by bits [begin_bit, end_bit) of the keys only, stably, as cub does.
+  // Sort by bits [begin_bit, end_bit) of the keys only, stably, as cub does.
   template <typename Key>
   static cudaError_t SortKeys(void* temp, size_t& temp_bytes, const Key* in, Key* out,
                               int num_items, int begin_bit, int end_bit, cudaStream_t) {
+    return SortPairs<Key, char>(temp, temp_bytes, in, out, nullptr, nullptr, num_items,
+                                begin_bit, end_bit, nullptr);
+  }
+
+  template <typename Key, typename Value>
+  static cudaError_t SortPairs(void* temp, size_t& temp_bytes, const Key* keys_in,
+                               Key* keys_out, const Value* values_in, Value* values_out,
+                               int num_items, int begin_bit, int end_bit, cudaStream_t) {
     if (temp == nullptr) {
       temp_bytes = 1;
       return cudaSuccess;
     }
     const int width = end_bit - begin_bit;
     const Key mask = width >= 64 ? ~Key{0} : (Key{1} << width) - 1;
-    std::copy(in, in + num_items, out);
-    std::stable_sort(out, out + num_items, [&](Key a, Key b) {
-      return ((a >> begin_bit) & mask) < ((b >> begin_bit) & mask);
+    std::vector<int> order(num_items);
+    for (int i = 0; i < num_items; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+      return ((keys_in[a] >> begin_bit) & mask) < ((keys_in[b] >> begin_bit) & mask);
     });
+    for (int i = 0; i < num_items; ++i) {
+      keys_out[i] = keys_in[order[i]];
+      if (values_out) values_out[i] = values_in[order[i]];
+    }
     return cudaSuccess;
   }
 };
