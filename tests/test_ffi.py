@@ -230,3 +230,16 @@ def test_cuda_hash_table_logic_on_the_host(rng):
     assert _cpu.hash_table_lookup(keys, queries) == [first.get(q, -1) for q in queries]
     with pytest.raises(ValueError, match="keys must be >= 0"):
         _cpu.hash_table_lookup([3, -1], [3])
+
+
+@pytest.mark.parametrize("precision, tf32", [
+    (None, True), ("default", True), ("high", True), ("bfloat16", True), ("tensorfloat32", True),
+    ("highest", False), ("float32", False), (jax.lax.Precision.HIGHEST, False), (jax.lax.Precision.DEFAULT, True),
+    (("highest", "highest"), False), ((jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGHEST), False),
+])
+def test_which_precisions_allow_tf32(precision, tf32):
+    """Float32 products may use TF32 (on CUDA) unless the precision, or the config default when
+    it is None, asks for full float32; the CPU handlers are exact either way."""
+    assert ffi.allows_tf32(precision) == tf32
+    with jax.default_matmul_precision("highest"):
+        assert ffi.allows_tf32(precision) == (tf32 and precision is not None)
