@@ -11,10 +11,10 @@ On a GPU the peak-RSS columns of
 the network table stay empty (host memory says little there); XLA's buffer count remains.
 
 Inputs: KITTI scans from ../shared/data/kitti (or the folder ``JSC_KITTI_DIR`` names)
-voxelized at 0.05 m over their whole extent (about 80-90k voxels each). Each case reports the median of ``--repeats`` timed runs after
-a warm-up, its ratio to spconv measured in the same run, the achieved GFLOP/s
-(2 x pairs x C_in x C_out / time), and the dense matmul rate of XLA for the same
-``[pairs, C_in] x [C_in, C_out]`` shape. spconv (``pip install spconv==2.3.8 torch==2.13.0``)
+voxelized at 0.05 m over their whole extent (about 80-90k voxels each). Each case reports
+the median of ``--repeats`` timed runs after a warm-up, its ratio to spconv measured in the
+same run, the achieved GFLOP/s (2 x pairs x C_in x C_out / time), and the dense matmul rate
+of XLA for the same ``[pairs, C_in] x [C_in, C_out]`` shape. spconv (``pip install spconv==2.3.8 torch==2.13.0``)
 is optional; it runs forward only, since its CPU build has no backward. Each "fwd+bwd" case
 (the gradient of a sum-of-squares loss in features and kernel) also reports its ratio to the
 forward of the same loss, and the SubM cases time the two backward kernels on their own

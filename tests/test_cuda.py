@@ -119,9 +119,9 @@ def _conv(x, kernel, case, backend, **kw):
                            transposed=mode == TRANSPOSED, out_capacity=capacity, backend=backend, **kw)
 
 
-def _value_and_grads(x, kernel, cotangent, case, backend):
+def _value_and_grads(x, kernel, cotangent, case, backend, precision="highest"):
     def loss(features, kernel):
-        y = _conv(x.replace_feature(features), kernel, case, backend, precision="highest")
+        y = _conv(x.replace_feature(features), kernel, case, backend, precision=precision)
         return jnp.sum(y.features.astype(jnp.float32) * cotangent), y
     (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x.features, kernel)
     return y, grads
@@ -198,26 +198,23 @@ def test_conv_matches_xla_and_dense(case, cuda, rng):
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=_ids)
 def test_float32_uses_tf32_unless_precision_is_highest(case, cuda, rng):
     """At default precision, float32 products run on TF32 tensor cores (inputs rounded to 10-bit
-    mantissas, as XLA's GPU matmuls do): within TF32 error of the dense reference, and not the
-    full-precision result; output and both gradients."""
+    mantissas, as XLA's GPU matmuls do): within TF32 error of the full-precision result (which
+    test_conv_matches_xla_and_dense checks against the dense reference), and not equal to it;
+    output and both gradients."""
     mode, shape, k, _, _, _, (cin, cout), batch_size, density = case
     x = T.random_tensor(rng, batch_size, shape, cin, density=density)
     kernel = jnp.asarray(rng.normal(size=tuple(np.broadcast_to(k, len(shape))) + (cin, cout)) / np.sqrt(cin),
                          jnp.float32)
     cotangent = jnp.asarray(rng.normal(size=(_conv(x, kernel, case, "xla").capacity, cout)), jnp.float32)
 
-    def value_and_grads(features, kernel, precision):
-        y = _conv(x.replace_feature(features), kernel, case, "ffi", precision=precision)
-        return y.features, *jax.grad(lambda f, w: jnp.sum(
-            _conv(x.replace_feature(f), w, case, "ffi", precision=precision).features * cotangent),
-            argnums=(0, 1))(features, kernel)
+    def run(precision):
+        y, grads = jax.jit(_value_and_grads, static_argnums=(3, 4, 5))(x, kernel, cotangent, case, "ffi", precision)
+        return y.features, *grads
 
-    run = jax.jit(value_and_grads, static_argnums=2)
-    tf32, full = run(x.features, kernel, None), run(x.features, kernel, "highest")
+    tf32, full = run(None), run("highest")
     with jax.default_matmul_precision("float32"):
         assert not ffi.allows_tf32(None)
-        np.testing.assert_array_equal(jax.jit(value_and_grads, static_argnums=2)(x.features, kernel, None)[0],
-                                      full[0])
+        np.testing.assert_array_equal(run(None)[0], full[0])
     for ours, exact in zip(tf32, full):
         scale = float(np.abs(np.asarray(exact)).max())
         np.testing.assert_allclose(ours, exact, rtol=1e-2, atol=2e-3 * scale)
@@ -376,18 +373,26 @@ def test_the_emulator_reports_kernel_mistakes(kernel, error):
     assert _cuda_emulated.self_test("count_odd_threads") == ("", [32, 32, 32])  # the error was cleared
 
 
+def _in_both_thread_orders(fn):
+    """``{False: fn(), True: fn()}``: fn run with each emulated block's threads from the first to
+    the last, then from the last to the first."""
+    results = {}
+    try:
+        for reverse in (False, True):
+            _cuda_emulated.set_reverse_order(reverse)
+            results[reverse] = fn()
+    finally:
+        _cuda_emulated.set_reverse_order(False)
+    return results
+
+
 def test_the_emulator_exposes_races_by_thread_order():
     """A kernel that reads shared memory another thread writes, with no barrier between, gives
     other results when the block's threads run in the reverse order; a correct one does not."""
     if _cuda_emulated is None:
         pytest.skip("jax_sparseconv._cuda_emulated was not built")
-    try:
-        results = {}
-        for reverse in (False, True):
-            _cuda_emulated.set_reverse_order(reverse)
-            results[reverse] = [_cuda_emulated.self_test(k) for k in ("missing_barrier", "count_odd_threads")]
-    finally:
-        _cuda_emulated.set_reverse_order(False)
+    results = _in_both_thread_orders(
+        lambda: [_cuda_emulated.self_test(k) for k in ("missing_barrier", "count_odd_threads")])
     assert results[True][0] == ("", [1, 2, 3]) and results[False][0] != results[True][0]
     assert results[False][1] == results[True][1] == ("", [32, 32, 32])
 
@@ -395,8 +400,8 @@ def test_the_emulator_exposes_races_by_thread_order():
 @pytest.mark.parametrize("dtype, precision", [(jnp.float32, "highest"), (jnp.float32, None), (jnp.bfloat16, None),
                                               (jnp.float64, None)])
 def test_the_cuda_kernels_do_not_race(dtype, precision, monkeypatch, rng):
-    """Every CUDA kernel (rulebooks, both convolution engines with their tiles, row splits of the
-    kernel gradient, pools) on the emulator: bitwise the same rulebook, outputs and gradients when
+    """Every CUDA kernel (rulebooks, both convolution engines with their tiles and mask order, row
+    splits of the kernel gradient, max pooling) on the emulator: bitwise the same rulebook, outputs and gradients when
     each block's threads run from the last to the first, so no thread reads what another writes
     between barriers."""
     case = CASES[4]  # strided: generative rulebook; 5000+ rows: several row splits in the kernel gradient
@@ -412,12 +417,6 @@ def test_the_cuda_kernels_do_not_race(dtype, precision, monkeypatch, rng):
             return jnp.sum(pooled.features.astype(jnp.float32) ** 2), (y.indices, y.features)
 
         run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-        results = {}
-        try:
-            for reverse in (False, True):
-                _cuda_emulated.set_reverse_order(reverse)
-                results[reverse] = jax.block_until_ready(run(x.features, kernel))
-        finally:
-            _cuda_emulated.set_reverse_order(False)
+        results = _in_both_thread_orders(lambda: jax.block_until_ready(run(x.features, kernel)))
     for a, b in zip(jax.tree_util.tree_leaves(results[False]), jax.tree_util.tree_leaves(results[True])):
         np.testing.assert_array_equal(a, b)

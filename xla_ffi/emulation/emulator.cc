@@ -150,10 +150,8 @@ void record(const std::string& message) {
 
 // Runs the current block's threads until all have returned; false on error.
 bool run_block(int64_t threads) {
-  if (static_cast<int64_t>(block.stacks.size()) < threads) {
-    while (static_cast<int64_t>(block.stacks.size()) < threads) {
-      block.stacks.push_back(std::make_unique<Stack>());
-    }
+  while (static_cast<int64_t>(block.stacks.size()) < threads) {
+    block.stacks.push_back(std::make_unique<Stack>());
   }
   block.fibers.resize(threads);
   for (int64_t t = 0; t < threads; ++t) {
