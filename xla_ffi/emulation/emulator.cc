@@ -16,7 +16,7 @@ namespace {
 
 // Execution contexts of fibers. On x86-64 a switch saves the callee-saved
 // registers on the old stack and pops them from the new one (ucontext would
-// also make two system calls for the signal mask: 3x slower tests). The
+// also make two system calls for the signal mask, several times slower). The
 // floating-point control registers are left alone: no kernel changes them.
 #if defined(__x86_64__)
 extern "C" void jsc_emulation_switch(void** save_sp, void* load_sp);
