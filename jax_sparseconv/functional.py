@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_sparseconv import backends
+from jax_sparseconv._vma import vary_together
 from jax_sparseconv.backends import xla
 from jax_sparseconv.geometry import REGULAR, SUBM, TRANSPOSED, make_geometry, normalize_tuple
 from jax_sparseconv.rulebook import Rulebook, build_rulebook
@@ -95,6 +96,10 @@ def _check_tensor(x) -> None:
 
 
 # ---- convolution -----------------------------------------------------------------------
+#
+# Under shard_map the arguments of each custom_vjp are first made to vary over the same
+# mesh axes (vary_together), so that every cotangent has its argument's type; JAX's
+# transpose of that cast sums a replicated kernel's gradient over the devices.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _conv(features, kernel, bias, out_nbr, in_nbr, out_active, backend, precision):
@@ -179,8 +184,8 @@ def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1
         geometry = make_geometry(mode, x.spatial_shape, kernel_size, strides, padding, dilation)
         rulebook = _get_rulebook(x, geometry, indice_key, out_capacity, backend)
     out_active = rulebook.out_indices[:, 0] >= 0
-    features = _conv(x.features.astype(dtype), kernel.reshape(-1, x.num_channels, c_out).astype(dtype),
-                     bias, rulebook.out_nbr, rulebook.in_nbr, out_active, backend, precision)
+    features = _conv(*vary_together(x.features.astype(dtype), kernel.reshape(-1, x.num_channels, c_out).astype(dtype),
+                                     bias, rulebook.out_nbr, rulebook.in_nbr, out_active), backend, precision)
     return _output(x, rulebook, features, indice_key)
 
 
@@ -234,7 +239,7 @@ def _pool(pool_fn, x, kernel_size, strides, padding, dilation, indice_key, out_c
     geometry = make_geometry(REGULAR, x.spatial_shape, kernel_size, strides, padding, dilation)
     rulebook = _get_rulebook(x, geometry, indice_key, out_capacity, backend)
     out_active = rulebook.out_indices[:, 0] >= 0
-    features = pool_fn(x.features, rulebook.out_nbr, rulebook.in_nbr, out_active, backend)
+    features = pool_fn(*vary_together(x.features, rulebook.out_nbr, rulebook.in_nbr, out_active), backend)
     return _output(x, rulebook, features, indice_key)
 
 
@@ -319,13 +324,13 @@ _global_avg.defvjp(_global_avg_fwd, _global_avg_bwd)
 def global_max_pool(x: SparseConvTensor) -> jax.Array:
     """``[B, C]`` max over each batch item's active rows (0 for an item with none)."""
     _check_tensor(x)
-    return _global_max(x.features, _segments(x), x.batch_size)
+    return _global_max(*vary_together(x.features, _segments(x)), x.batch_size)
 
 
 def global_avg_pool(x: SparseConvTensor) -> jax.Array:
     """``[B, C]`` mean over each batch item's active rows (0 for an item with none)."""
     _check_tensor(x)
-    return _global_avg(x.features, _segments(x), x.batch_size)
+    return _global_avg(*vary_together(x.features, _segments(x)), x.batch_size)
 
 
 # ---- combining tensors -----------------------------------------------------------------

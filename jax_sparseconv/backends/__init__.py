@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import types
 
+from jax_sparseconv import _native
 from jax_sparseconv.backends import ffi, xla
 
 BACKENDS = {"xla": xla, "ffi": ffi}
@@ -25,6 +26,8 @@ def resolve(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or None")
     if backend == "ffi" and not ffi.available():
+        if _native.disabled_reason is not None:
+            raise RuntimeError(f"backend='ffi' is unavailable: {_native.disabled_reason}")
         raise RuntimeError("backend='ffi' needs the compiled extension jax_sparseconv._cpu, which is "
                            "missing: reinstall with `pip install .` (see BUILD.md and jsc.build_info())")
     return backend

@@ -18,33 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_sparseconv import _native
+from jax_sparseconv._vma import vary_like
 from jax_sparseconv.backends.xla import accumulator
 from jax_sparseconv.geometry import MODE_CODES, SUBM, ConvGeometry
 
-try:
-    from jax_sparseconv import _cpu
-except ImportError:  # a source checkout without the compiled extension
-    _cpu = None
-
-try:
-    from jax_sparseconv import _cuda
-except ImportError:  # built without a CUDA compiler
-    _cuda = None
-
-for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
-    if _module is not None:  # registering for "CUDA" is harmless where no GPU exists
-        for _name, _capsule in _module.registrations().items():
-            jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
-
 
 def available() -> bool:
-    """True when the CPU extension is compiled and registered."""
-    return _cpu is not None
+    """True when the CPU extension is compiled and registered (see ``_native``)."""
+    return _native.cpu is not None
 
 
 def cuda_available() -> bool:
     """True when the CUDA extension is compiled and registered."""
-    return _cuda is not None
+    return _native.cuda is not None
 
 
 def serves_default_platform() -> bool:
@@ -59,7 +46,13 @@ def serves_default_platform() -> bool:
 def _call(target: str, *out_types: jax.ShapeDtypeStruct):
     # "sequential" is the fallback of vmap where the rules below cannot fold: XLA then
     # runs the handler once per mapped element.
-    return jax.ffi.ffi_call(target, out_types, vmap_method="sequential")
+    call = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")
+
+    def run(*operands, **attributes):
+        # Under shard_map, a result varies over the mesh axes its operands vary over.
+        return [vary_like(out, *operands) for out in call(*operands, **attributes)]
+
+    return run
 
 
 def _i64(values) -> np.ndarray:

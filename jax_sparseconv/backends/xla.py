@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_sparseconv._vma import vary_like
 from jax_sparseconv.geometry import REGULAR, SUBM, ConvGeometry
 
 _SENTINEL = np.iinfo(np.int32).max  # batch index of invalid sites: sorts after every real site
@@ -64,8 +65,9 @@ def _lookup(table: tuple, rows: jax.Array, queries: tuple) -> jax.Array:
     n = table[0].shape[0]
     if n == 0:
         return jnp.full(queries[0].shape, -1, jnp.int32)
-    lo = jnp.zeros(queries[0].shape, jnp.int32)
-    hi = jnp.full(queries[0].shape, n, jnp.int32)
+    # Loop carries vary over the mesh axes of what they search (shard_map).
+    lo = vary_like(jnp.zeros(queries[0].shape, jnp.int32), *table, *queries)
+    hi = vary_like(jnp.full(queries[0].shape, n, jnp.int32), *table, *queries)
 
     def step(_, bounds):
         lo, hi = bounds
@@ -157,7 +159,7 @@ def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) ->
         rows = lax.dynamic_index_in_dim(nbr, k, axis=1, keepdims=False)
         return out + jnp.matmul(_gather_rows(x, rows), w[k], precision=precision, preferred_element_type=acc)
 
-    return lax.fori_loop(0, w.shape[0], step, jnp.zeros((nbr.shape[0], w.shape[2]), acc))
+    return lax.fori_loop(0, w.shape[0], step, vary_like(jnp.zeros((nbr.shape[0], w.shape[2]), acc), x, w, nbr))
 
 
 @functools.partial(jax.jit, static_argnums=3)
@@ -179,7 +181,7 @@ def gather_sum(x: jax.Array, nbr: jax.Array) -> jax.Array:
     def step(k, out):
         return out + _gather_rows(x, lax.dynamic_index_in_dim(nbr, k, axis=1, keepdims=False)).astype(acc)
 
-    return lax.fori_loop(0, nbr.shape[1], step, jnp.zeros((nbr.shape[0], x.shape[1]), acc))
+    return lax.fori_loop(0, nbr.shape[1], step, vary_like(jnp.zeros((nbr.shape[0], x.shape[1]), acc), x, nbr))
 
 
 @jax.jit
@@ -196,7 +198,7 @@ def gather_max(x: jax.Array, nbr: jax.Array):
         return jnp.where(better, value, best), jnp.where(better, k, argk)
 
     init = (jnp.zeros((nbr.shape[0], x.shape[1]), x.dtype), jnp.full((nbr.shape[0], x.shape[1]), -1, jnp.int32))
-    return lax.fori_loop(0, nbr.shape[1], step, init)
+    return lax.fori_loop(0, nbr.shape[1], step, tuple(vary_like(v, x, nbr) for v in init))
 
 
 @jax.jit
@@ -207,4 +209,5 @@ def gather_max_grad(g: jax.Array, argk: jax.Array, in_nbr: jax.Array) -> jax.Arr
         won = _gather_rows(argk, rows) == k
         return dx + jnp.where(won & (rows >= 0)[:, None], _gather_rows(g, rows), 0)
 
-    return lax.fori_loop(0, in_nbr.shape[1], step, jnp.zeros((in_nbr.shape[0], g.shape[1]), g.dtype))
+    init = vary_like(jnp.zeros((in_nbr.shape[0], g.shape[1]), g.dtype), g, argk, in_nbr)
+    return lax.fori_loop(0, in_nbr.shape[1], step, init)

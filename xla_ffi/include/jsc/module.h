@@ -17,8 +17,9 @@
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMax);          \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMaxGrad)
 
-// Defines registrations() (target name to handler capsule), ffi_api_version,
-// compiler and version on module m, with the handlers of namespace NS.
+// Defines registrations() (target name to handler capsule), ffi_api_version (of
+// the headers), jaxlib_version (whose headers they are), compiler and version on
+// module m, with the handlers of namespace NS.
 #define JSC_DEFINE_MODULE_ATTRS(m, NS)                                       \
   do {                                                                       \
     namespace nb = nanobind;                                                 \
@@ -35,6 +36,7 @@
     });                                                                      \
     m.attr("ffi_api_version") =                                              \
         nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);                \
+    m.attr("jaxlib_version") = JSC_JAXLIB_VERSION;                           \
     m.attr("compiler") = __VERSION__;                                        \
     m.attr("version") = JSC_VERSION;                                         \
   } while (0)
