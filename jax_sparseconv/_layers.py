@@ -76,14 +76,18 @@ def flat_kernel_init(kernel_init: Callable) -> Callable:
     return init
 
 
+def output_rows(out_capacity: int | float | None, x: SparseConvTensor) -> int | None:
+    """A layer's ``out_capacity`` as rows: a float is a multiple of the input capacity."""
+    return math.ceil(out_capacity * x.capacity) if isinstance(out_capacity, float) else out_capacity
+
+
 def conv(mode: str, x: SparseConvTensor, kernel, bias, *, strides, padding, kernel_dilation, indice_key,
          out_capacity, precision, backend, dtype) -> SparseConvTensor:
     """A conv layer's forward pass: promote dtypes as Flax does, then ``sparse_conv``."""
     if mode == INVERSE and (strides, padding, kernel_dilation, out_capacity) != (1, 0, 1, None):
         raise ValueError("SparseInverseConv takes its strides, padding, dilation and capacity from the "
                          f"conv stored under indice_key {indice_key!r}; do not pass them")
-    if isinstance(out_capacity, float):
-        out_capacity = math.ceil(out_capacity * x.capacity)
+    out_capacity = output_rows(out_capacity, x)
     if dtype is None:
         dtype = jnp.result_type(x.features, kernel, *([] if bias is None else [bias]))
     x = x.replace_feature(x.features.astype(dtype))
@@ -103,7 +107,8 @@ def pool_call(layer: Any, x: SparseConvTensor) -> SparseConvTensor:
     check_input(type(layer).__name__, x, layer.num_spatial_dims)
     kernel_size = normalize_tuple(layer.kernel_size, x.ndim, "kernel_size")
     return POOLS[layer.kind](x, kernel_size, layer.strides, layer.padding, layer.kernel_dilation,
-                             indice_key=layer.indice_key, out_capacity=layer.out_capacity, backend=layer.backend)
+                             indice_key=layer.indice_key, out_capacity=output_rows(layer.out_capacity, x),
+                             backend=layer.backend)
 
 
 GLOBAL_POOLS = {"max": functional.global_max_pool, "avg": functional.global_avg_pool}

@@ -38,7 +38,7 @@ class _SparseConv(nn.Module):
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = nn.initializers.zeros_init()
     indice_key: str | None = None
-    out_capacity: int | None = None
+    out_capacity: int | float | None = None
     backend: str | None = None
 
     mode: ClassVar[str]
@@ -84,7 +84,7 @@ class _SparsePool(nn.Module):
     padding: IntOrSeq = 0
     kernel_dilation: IntOrSeq = 1
     indice_key: str | None = None
-    out_capacity: int | None = None
+    out_capacity: int | float | None = None
     backend: str | None = None
 
     kind: ClassVar[str]
@@ -96,7 +96,8 @@ class _SparsePool(nn.Module):
 
 class SparseMaxPool(_SparsePool):
     """Max over active inputs of each window (spconv's SparseMaxPool); ``strides=None``
-    means ``kernel_size``. Arguments as ``functional.sparse_max_pool``."""
+    means ``kernel_size``. Arguments as ``functional.sparse_max_pool``; a float
+    ``out_capacity`` is a multiple of the input capacity, as for the conv layers."""
     kind: ClassVar[str] = "max"
 
 

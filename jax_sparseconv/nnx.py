@@ -44,7 +44,7 @@ class _SparseConv(nnx.Module):
                  param_dtype: Any = jnp.float32, precision: Any = None,
                  kernel_init: Initializer = default_kernel_init,
                  bias_init: Initializer = nnx.initializers.zeros_init(), indice_key: str | None = None,
-                 out_capacity: int | None = None, backend: str | None = None, rngs: nnx.Rngs):
+                 out_capacity: int | float | None = None, backend: str | None = None, rngs: nnx.Rngs):
         shape = _layers.kernel_shape(kernel_size, _spatial_dims(self, kernel_size), in_features, out_features)
         self.kernel = nnx.Param(_layers.flat_kernel_init(kernel_init)(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
@@ -89,7 +89,7 @@ class _SparsePool(nnx.Module):
     takes_sparse_tensor: ClassVar[bool] = True
 
     def __init__(self, kernel_size: IntOrSeq, strides: IntOrSeq | None = None, padding: IntOrSeq = 0,
-                 kernel_dilation: IntOrSeq = 1, *, indice_key: str | None = None, out_capacity: int | None = None,
+                 kernel_dilation: IntOrSeq = 1, *, indice_key: str | None = None, out_capacity: int | float | None = None,
                  backend: str | None = None):
         self.kernel_size, self.strides, self.padding, self.kernel_dilation = kernel_size, strides, padding, kernel_dilation
         self.indice_key, self.out_capacity, self.backend = indice_key, out_capacity, backend
@@ -99,7 +99,8 @@ class _SparsePool(nnx.Module):
 
 class SparseMaxPool(_SparsePool):
     """Max over active inputs of each window (spconv's SparseMaxPool); ``strides=None``
-    means ``kernel_size``. Arguments as ``functional.sparse_max_pool``."""
+    means ``kernel_size``. Arguments as ``functional.sparse_max_pool``; a float
+    ``out_capacity`` is a multiple of the input capacity, as for the conv layers."""
     kind: ClassVar[str] = "max"
 
 

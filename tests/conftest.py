@@ -6,12 +6,16 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax_sparseconv as jsc
-from jax_sparseconv import models, utils
+# Two CPU devices for the shard_map tests; set before anything starts JAX's backends.
+jax.config.update("jax_num_cpu_devices", 2)
+
+import jax_sparseconv as jsc  # noqa: E402
+from jax_sparseconv import models, utils  # noqa: E402
 
 BACKENDS = ["xla", "ffi"]
 

@@ -50,7 +50,7 @@ def _call(target: str, *out_types: jax.ShapeDtypeStruct):
 
     def run(*operands, **attributes):
         # Under shard_map, a result varies over the mesh axes its operands vary over.
-        return [vary_like(out, *operands) for out in call(*operands, **attributes)]
+        return tuple(vary_like(out, *operands) for out in call(*operands, **attributes))
 
     return run
 
