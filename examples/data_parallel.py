@@ -7,8 +7,8 @@ On a CPU the devices are simulated: this script sets
 its share of the global batch as its own ``SparseConvTensor`` (local batch indices, one
 capacity for all devices). Batch-norm statistics are combined across devices
 (``SparseBatchNorm(axis_name="data")``, weighted by each device's active rows), the loss is
-the mean over the labeled voxels of the whole global batch and gradients are summed over
-devices, so a step computes the same loss and gradients as one device holding the whole
+the mean over the labeled voxels of the whole global batch and its gradient (under
+``shard_map``'s default ``check_vma=True``) sums over the devices, so a step computes the same loss and gradients as one device holding the whole
 batch; ``--check`` verifies that against a single-device step. With float32 the check
 (and the steps after it) runs in float64: summed in a different order, float32 gradient
 entries that nearly cancel differ by more than any fixed relative bound, while in float64
@@ -103,16 +103,19 @@ def stack_shards(scans, devices: int, capacity: int):
 
 
 def make_loss(model, shape, batch_size, axis_name):
-    """Loss of one shard: its summed cross-entropy over the labeled voxels of the global batch."""
+    """The mean cross-entropy over the labeled voxels of the global batch, from one shard
+    (summed over the devices of ``axis_name``; None: the whole batch is this one)."""
+    def total(value):
+        return jnp.sum(value) if axis_name is None else jax.lax.psum(jnp.sum(value), axis_name)
+
     def loss_fn(params, batch_stats, features, indices, labels):
         x = jsc.SparseConvTensor(features, indices, shape, batch_size, validate=False)
         logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                       mutable=["batch_stats"])
         weights = (labels > 0).astype(PARAM_DTYPE)  # padding (-1) and unlabeled (0) do not count
-        count = jnp.sum(weights) if axis_name is None else jax.lax.psum(jnp.sum(weights), axis_name)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.features.astype(PARAM_DTYPE),
                                                                  jnp.maximum(labels, 0))
-        return jnp.sum(losses * weights) / count, (updates["batch_stats"], logits)
+        return total(losses * weights) / total(weights), (updates["batch_stats"], logits)
     return loss_fn
 
 
@@ -120,16 +123,17 @@ def data_parallel_step(model, optimizer, mesh, shape, scans_per_device):
     loss_fn = make_loss(model, shape, scans_per_device, "data")
 
     def device_step(params, batch_stats, opt_state, features, indices, labels):
+        # The loss is the global mean, the same on every device; the parameters are too, so
+        # (shard_map's check_vma) their gradient is the global one, summed over the devices.
         (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, features[0], indices[0], labels[0])
-        loss, grads = jax.lax.psum((loss, grads), "data")  # the global mean and its gradient
         jsc.checkify_overflow(logits)  # no-op unless the step runs under checkify
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss, grads
 
     sharded = P("data")
     return jax.jit(jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P(), P(), sharded, sharded, sharded),
-                                 out_specs=(P(), P(), P(), P(), P()), check_vma=False))
+                                 out_specs=(P(), P(), P(), P(), P())))
 
 
 def single_device_loss_and_grads(model, params, batch_stats, features, indices, labels, shape, scans_per_device):

@@ -9,6 +9,7 @@ result of ``kitti_tensor`` is a padded ``SparseConvTensor`` ready for a jitted n
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ def read_kitti_calib(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A KITTI ``calib.txt`` as float64 arrays by key (``"R0_rect"`` ``[3, 3]``,
     ``"Tr_velo_to_cam"`` ``[3, 4]``, ``"P2"`` ``[3, 4]``, ...)."""
     calib = {}
-    for line in open(path).read().splitlines():
+    for line in Path(path).read_text().splitlines():
         if ":" not in line:
             continue
         key, values = line.split(":", 1)
@@ -48,7 +49,7 @@ def load_kitti_boxes(label_path: str | os.PathLike, calib_path: str | os.PathLik
     angle around the LiDAR z axis (0 = along x).
     """
     names, rows = [], []
-    for line in open(label_path).read().splitlines():
+    for line in Path(label_path).read_text().splitlines():
         fields = line.split()
         if fields and fields[0] != "DontCare":
             names.append(fields[0])
