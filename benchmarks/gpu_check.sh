@@ -5,9 +5,11 @@
 #
 # for a machine that already has nvcc, jax with its CUDA plugin, flax, pytest and hypothesis
 # (nothing is downloaded). Steps, each logged to OUT_DIR (default $OUT, else ./gpu_check):
-#   1. nvidia-smi, then install this checkout with the CUDA module (JSC_CUDA=ON) for
-#      CMAKE_CUDA_ARCHITECTURES (default 90), built against the environment's jax: no dependency
-#      resolution, as the machine's jax may be newer than pyproject's range;
+#   1. nvidia-smi, then install this checkout into the machine's own environment (the lent H200
+#      machines: Python 3.12, jax 0.11.2 with CUDA, no downloads) with the CUDA module
+#      (JSC_CUDA=ON) for CMAKE_CUDA_ARCHITECTURES (default 90): no build isolation (the build
+#      uses the installed scikit-build-core, nanobind and jaxlib's headers), no dependency
+#      resolution, and a check that jax, jaxlib and flax are unchanged;
 #   2. tests/test_cuda.py but its emulator cases (every op on the GPU against the xla backend on
 #      the GPU and the dense float64 reference, determinism, the build report);
 #   3. the op cases of the benchmark on the GPU, on KITTI scans from JSC_KITTI_DIR (default
@@ -23,9 +25,15 @@ status=0
 
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 echo "== install (log: $out/install.log)"
+jax_packages() { "$python" -m pip freeze 2>/dev/null | grep -i -E '^(jax|jaxlib|flax|jax-cuda[0-9]+-[a-z]+)==' || true; }
+before=$(jax_packages)
 if ! "$python" -m pip install -v --no-build-isolation --no-deps -Ccmake.define.JSC_CUDA=ON \
     -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES:-90}" . > "$out/install.log" 2>&1; then
   tail -40 "$out/install.log"
+  exit 1
+fi
+if [[ "$(jax_packages)" != "$before" ]]; then
+  printf 'the install changed the machine'"'"'s JAX:\nbefore:\n%s\nafter:\n%s\n' "$before" "$(jax_packages)"
   exit 1
 fi
 # -P: the source tree (which has no compiled modules) must not shadow the installed package.
