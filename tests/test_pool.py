@@ -41,6 +41,13 @@ def _ids(case):
     return "-".join(str(v).replace(" ", "") for v in case)
 
 
+def _distinct_negative_features(x, rng):
+    """``x`` with distinct negative float64 features 0.01 apart: a max over active inputs must
+    not return 0, and finite differences in check_grads never cross a tie."""
+    spread = rng.permutation(x.features.size).reshape(x.features.shape)
+    return x.replace_feature(-0.1 - 0.01 * jnp.asarray(spread, jnp.float64))
+
+
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_pool_matches_dense(case, kind, backend, rng):
@@ -49,10 +56,7 @@ def test_pool_matches_dense(case, kind, backend, rng):
     with jax.enable_x64(True):
         x = T.random_tensor(rng, batch_size, shape, 3, dtype=np.float64)
         if kind == "max":
-            # Distinct negative values, 0.01 apart: a max over active inputs must not return 0,
-            # and finite differences in check_grads never cross a tie.
-            spread = rng.permutation(x.features.size).reshape(x.features.shape)
-            x = x.replace_feature(-0.1 - 0.01 * jnp.asarray(spread, jnp.float64))
+            x = _distinct_negative_features(x, rng)
         geometry = make_geometry(REGULAR, shape, k, k if s is None else s, p, d)
         capacity = x.capacity * geometry.max_outputs_per_input()
         pool = jax.jit(functools.partial(sparse_pool, kernel_size=k, strides=s, padding=p, dilation=d,
@@ -100,8 +104,8 @@ def test_global_pool_matches_numpy(kind, rng):
         keep = np.asarray(x.indices[:, 0]) != 1
         x = jsc.SparseConvTensor(jnp.where(keep[:, None], x.features, 0),
                                  jnp.where(keep[:, None], x.indices, -1), x.spatial_shape, 3)
-        if kind == "max":  # all negative, and no two within check_grads' finite-difference step
-            x = x.replace_feature(jnp.asarray(-5.0 - 0.01 * rng.permutation(x.features.size).reshape(x.features.shape)))
+        if kind == "max":
+            x = _distinct_negative_features(x, rng)
         pool = jsc.global_max_pool if kind == "max" else jsc.global_avg_pool
         out = jax.jit(pool)(x)
         features, batch = np.asarray(x.features), np.asarray(x.indices[:, 0])
