@@ -50,7 +50,7 @@ def parse_args(argv=None):
                         help="voxel capacity per scan (OpenPCDet: 40000, which these scans exceed: 41,281 for 000000)")
     parser.add_argument("--checkpoint", type=pathlib.Path, help="an OpenPCDet checkpoint to load backbone_3d from")
     parser.add_argument("--backend", choices=["ffi", "xla"], default=None,
-                        help="default: ffi where compiled for the CPU, else xla")
+                        help="default: per platform, ffi where compiled (CPU, CUDA), else xla")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("example_outputs"))
     return parser.parse_args(argv)
 
@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
         jax.random.key(0), padded(points[0]))
     if args.checkpoint:
         variables = load_backbone_checkpoint(args.checkpoint, variables)
-    print(f"backend {jsc.backends.resolve(args.backend)}; weights: "
+    print(f"backend {jsc.backends.describe(args.backend)}; weights: "
           f"{args.checkpoint or 'random (pass --checkpoint for trained ones)'}")
 
     rows = []

@@ -20,7 +20,7 @@ import numpy as np
 
 import jax_sparseconv as jsc
 from jax_sparseconv import functional as F
-from jax_sparseconv.backends import resolve
+from jax_sparseconv.backends import describe
 from jax_sparseconv.utils import kitti_tensor, load_kitti_points
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -55,13 +55,12 @@ def main() -> None:
     parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA, help="KITTI .bin scan")
     parser.add_argument("--voxel-size", type=float, default=0.05, help="voxel edge in metres")
     parser.add_argument("--backend", choices=["ffi", "xla"], default=None,
-                        help="default: ffi where compiled for the CPU, else xla")
+                        help="default: per platform, ffi where compiled (CPU, CUDA), else xla")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls after the first")
     args = parser.parse_args()
 
     print("build_info:", jsc.build_info())
-    backend = resolve(args.backend)
-    print(f"backend: {backend} on {jax.default_backend()}")
+    print(f"backend: {describe(args.backend)}; JAX's default device is a {jax.default_backend()}")
 
     if not args.data.is_file():
         parser.error(f"no scan at {args.data} (the data lives in ../shared/data beside the repo; see --data)")

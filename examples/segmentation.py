@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=16, help="channels of the first level (MinkUNet18: 32)")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--backend", choices=["ffi", "xla"], default=None,
-                        help="default: ffi where compiled for the CPU, else xla")
+                        help="default: per platform, ffi where compiled (CPU, CUDA), else xla")
     parser.add_argument("--data", type=pathlib.Path, default=DATA, help="folder with o3dml_000700_{points,labels}.npy")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("example_outputs"))
     parser.add_argument("--seed", type=int, default=0)
@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
                             decoder_features=(4 * w, 4 * w, 2 * w, 2 * w), blocks_per_stage=1,
                             out_capacities=(0.9, 0.8, 0.8, 0.8), bn_momentum=0.9, backend=args.backend)
     print(f"{len(points)} points -> {num_voxels} voxels at {args.voxel_size} m (capacity {max_voxels}); "
-          f"backend {jsc.backends.resolve(args.backend)}")
+          f"backend {jsc.backends.describe(args.backend)}")
 
     points_d, labels_d = jnp.asarray(points), jnp.asarray(labels)
     x, _, _ = jax.jit(voxelize_scan, static_argnums=(2, 3))(points_d, labels_d, args.voxel_size, max_voxels)

@@ -6,12 +6,14 @@ Quick tour::
     x = jsc.SparseConvTensor(features, indices, spatial_shape, batch_size)
     y = jsc.functional.sparse_conv(x, kernel, subm=True, indice_key="subm1")
     jsc.check_overflow(y)  # after a jitted step: raises if a capacity was too small
+    blob = jsc.export(jax.jit(f), platforms=("cpu", "tpu"))(x).serialize()  # serve it elsewhere
 """
 
 import importlib.metadata
 
 from jax_sparseconv import convert, functional, pcd, utils, voxels
 from jax_sparseconv._build import build_info
+from jax_sparseconv.exporting import deserialize, export
 from jax_sparseconv.functional import (global_avg_pool, global_max_pool, sparse_avg_pool, sparse_conv,
                                        sparse_max_pool)
 from jax_sparseconv.geometry import ConvGeometry, make_geometry
@@ -27,7 +29,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 
 __all__ = [
     "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "Voxels", "build_info",
-    "capacity_bucket", "check_overflow", "checkify_overflow", "convert", "from_numpy", "functional",
-    "global_avg_pool", "global_max_pool", "make_geometry", "pcd", "sparse_avg_pool", "sparse_conv",
-    "sparse_max_pool", "utils", "voxelize", "voxels",
+    "capacity_bucket", "check_overflow", "checkify_overflow", "convert", "deserialize", "export", "from_numpy",
+    "functional", "global_avg_pool", "global_max_pool", "make_geometry", "pcd", "sparse_avg_pool",
+    "sparse_conv", "sparse_max_pool", "utils", "voxelize", "voxels",
 ]

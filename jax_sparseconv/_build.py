@@ -16,10 +16,11 @@ def build_info() -> dict:
     with, e.g. ``"13.0"``, or None); ``ffi_api_version`` and ``ffi_headers_jaxlib`` (the XLA
     FFI API of the headers the modules were compiled against, and the jaxlib they came
     from); ``jaxlib_ffi_api_version`` (that of the running jaxlib); ``compiler``, ``jax``,
-    ``jaxlib``, ``default_backend``.
+    ``jaxlib``; ``native_platforms`` (where ``backend=None`` runs the native kernels, e.g.
+    ``("cpu",)``) and ``default_backend`` (what ``backend=None`` runs on JAX's default device).
     """
     from jax_sparseconv import _native
-    from jax_sparseconv.backends import resolve
+    from jax_sparseconv.backends import native_platforms, serving
 
     import jax_sparseconv
 
@@ -38,5 +39,6 @@ def build_info() -> dict:
         "compiler": built.compiler if built else None,
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "default_backend": resolve(None),
+        "native_platforms": native_platforms(),
+        "default_backend": serving(None),
     }

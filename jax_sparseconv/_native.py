@@ -20,6 +20,12 @@ import jax
 import jaxlib
 
 
+# The XLA FFI targets every compiled module registers, with their version suffix: exported
+# programs name them, so they are kept as they are (README, "Export and serve").
+TARGETS = ("jsc_build_rulebook_v1", "jsc_gather_matmul_v1", "jsc_gather_matmul_grad_v1", "jsc_gather_sum_v1",
+           "jsc_gather_max_v1", "jsc_gather_max_grad_v1")
+
+
 def _import(name: str):
     try:
         return importlib.import_module(f"jax_sparseconv.{name}")

@@ -157,7 +157,8 @@ def sparse_conv(x: SparseConvTensor, kernel, bias=None, *, strides: IntOrSeq = 1
       precision: matmul precision (as in ``jnp.matmul``; it matters on GPU and TPU). The
         ``ffi`` CPU kernels always multiply in full float32; its CUDA kernels use TF32 tensor
         cores for float32 unless precision is ``"highest"`` (as XLA's GPU matmuls do).
-      backend: ``"xla"``, ``"ffi"`` or None (ffi on CPU when compiled, else xla).
+      backend: ``"xla"``, ``"ffi"`` or None: per lowering platform, ffi where compiled (CPU;
+        CUDA with ``jax_sparseconv._cuda``), xla elsewhere (``backends/dispatch.py``).
 
     Returns:
       SparseConvTensor with ``C_out`` channels in ``result_type(features, kernel)``.

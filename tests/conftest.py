@@ -20,6 +20,8 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 2)
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+# Where libtpu is installed (for deviceless TPU compiles), it should not look for TPU hosts.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import jax_sparseconv as jsc  # noqa: E402
 from jax_sparseconv import models, utils  # noqa: E402
@@ -72,7 +74,7 @@ def shared_data():
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def labeled_scan(shared_data):
     """``load(crop, voxel_size, capacity) -> (x, labels)``: a voxelized crop of the labeled
     SemanticKITTI scan, features ``utils.position_features`` around the crop centre, and the
@@ -93,7 +95,7 @@ def labeled_scan(shared_data):
     return load
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_unet():
     """``make(backend=None, **overrides)``: a MinkUNet small enough to train in a test."""
     def make(backend=None, **overrides):

@@ -34,15 +34,6 @@ def cuda_available() -> bool:
     return _native.cuda is not None
 
 
-def serves_default_platform() -> bool:
-    """True when a compiled extension serves JAX's default platform (CPU, or a CUDA GPU)."""
-    platform = jax.default_backend()
-    if platform == "cpu":
-        return available()
-    return (platform == "gpu" and cuda_available()
-            and "cuda" in jax.devices()[0].client.platform_version.lower())
-
-
 def _call(target: str, *out_types: jax.ShapeDtypeStruct):
     # "sequential" is the fallback of vmap where the rules below cannot fold: XLA then
     # runs the handler once per mapped element.
@@ -114,7 +105,7 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
 
 def _build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
     n, K, cols = indices.shape[0], geometry.kernel_volume, geometry.ndim + 1
-    call = _call("jsc_build_rulebook",
+    call = _call("jsc_build_rulebook_v1",
                  jax.ShapeDtypeStruct((out_capacity, cols), jnp.int32),
                  jax.ShapeDtypeStruct((out_capacity, K), jnp.int32),
                  jax.ShapeDtypeStruct((n, K), jnp.int32),
@@ -170,29 +161,29 @@ def allows_tf32(precision) -> bool:
 
 def _gather_matmul(x, w, nbr, allow_tf32):
     out = jax.ShapeDtypeStruct((nbr.shape[0], w.shape[2]), accumulator(x.dtype))
-    return _call("jsc_gather_matmul", out)(x, w.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
+    return _call("jsc_gather_matmul_v1", out)(x, w.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
 
 
 def _gather_matmul_grad(x, g, nbr, allow_tf32):
     out = jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], g.shape[1]), accumulator(x.dtype))
-    return _call("jsc_gather_matmul_grad", out)(x, g.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
+    return _call("jsc_gather_matmul_grad_v1", out)(x, g.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
 
 
 def _gather_sum(x, nbr):
     out = jax.ShapeDtypeStruct((nbr.shape[0], x.shape[1]), accumulator(x.dtype))
-    return _call("jsc_gather_sum", out)(x, nbr)[0]
+    return _call("jsc_gather_sum_v1", out)(x, nbr)[0]
 
 
 def _gather_max(x, nbr):
     shape = (nbr.shape[0], x.shape[1])
-    out, argk = _call("jsc_gather_max", jax.ShapeDtypeStruct(shape, accumulator(x.dtype)),
+    out, argk = _call("jsc_gather_max_v1", jax.ShapeDtypeStruct(shape, accumulator(x.dtype)),
                       jax.ShapeDtypeStruct(shape, jnp.int32))(x, nbr)
     return out.astype(x.dtype), argk  # exact: the max is one of the inputs
 
 
 def _gather_max_grad(g, argk, in_nbr):
     out = jax.ShapeDtypeStruct((in_nbr.shape[0], g.shape[1]), accumulator(g.dtype))
-    return _call("jsc_gather_max_grad", out)(g, argk, in_nbr)[0].astype(g.dtype)
+    return _call("jsc_gather_max_grad_v1", out)(g, argk, in_nbr)[0].astype(g.dtype)
 
 
 _gather_matmul_folding = {tf32: _row_kernel(functools.partial(_gather_matmul, allow_tf32=tf32), num_gathered=1)

@@ -20,25 +20,32 @@
 // Defines registrations() (target name to handler capsule), ffi_api_version (of
 // the headers), jaxlib_version (whose headers they are), compiler and version on
 // module m, with the handlers of namespace NS.
-#define JSC_DEFINE_MODULE_ATTRS(m, NS)                                       \
-  do {                                                                       \
-    namespace nb = nanobind;                                                 \
-    m.def("registrations", []() {                                            \
-      nb::dict targets;                                                      \
-      targets["jsc_build_rulebook"] = jsc::handler_capsule(NS::BuildRulebook); \
-      targets["jsc_gather_matmul"] = jsc::handler_capsule(NS::GatherMatmul); \
-      targets["jsc_gather_matmul_grad"] =                                    \
-          jsc::handler_capsule(NS::GatherMatmulGrad);                        \
-      targets["jsc_gather_sum"] = jsc::handler_capsule(NS::GatherSum);       \
-      targets["jsc_gather_max"] = jsc::handler_capsule(NS::GatherMax);       \
-      targets["jsc_gather_max_grad"] = jsc::handler_capsule(NS::GatherMaxGrad); \
-      return targets;                                                        \
-    });                                                                      \
-    m.attr("ffi_api_version") =                                              \
-        nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);                \
-    m.attr("jaxlib_version") = JSC_JAXLIB_VERSION;                           \
-    m.attr("compiler") = __VERSION__;                                        \
-    m.attr("version") = JSC_VERSION;                                         \
+//
+// Target names are a contract with exported programs (README, "Export and
+// serve"): a handler whose operands, attributes or semantics change gets a new
+// version suffix, and the old name stays registered with its old handler.
+#define JSC_DEFINE_MODULE_ATTRS(m, NS)                                        \
+  do {                                                                        \
+    namespace nb = nanobind;                                                  \
+    m.def("registrations", []() {                                             \
+      nb::dict targets;                                                       \
+      targets["jsc_build_rulebook_v1"] =                                      \
+          jsc::handler_capsule(NS::BuildRulebook);                            \
+      targets["jsc_gather_matmul_v1"] =                                       \
+          jsc::handler_capsule(NS::GatherMatmul);                             \
+      targets["jsc_gather_matmul_grad_v1"] =                                  \
+          jsc::handler_capsule(NS::GatherMatmulGrad);                         \
+      targets["jsc_gather_sum_v1"] = jsc::handler_capsule(NS::GatherSum);     \
+      targets["jsc_gather_max_v1"] = jsc::handler_capsule(NS::GatherMax);     \
+      targets["jsc_gather_max_grad_v1"] =                                     \
+          jsc::handler_capsule(NS::GatherMaxGrad);                            \
+      return targets;                                                         \
+    });                                                                       \
+    m.attr("ffi_api_version") =                                               \
+        nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);                 \
+    m.attr("jaxlib_version") = JSC_JAXLIB_VERSION;                            \
+    m.attr("compiler") = __VERSION__;                                         \
+    m.attr("version") = JSC_VERSION;                                          \
   } while (0)
 
 namespace jsc {

@@ -1,0 +1,225 @@
+"""One program for every platform, and export: ``backend=None`` decided per lowering platform,
+``jsc.export`` / ``jsc.deserialize``, reloads in fresh processes and deviceless TPU compiles.
+
+The TPU cases need libtpu (``pip install "jax[tpu]==<this jax>"``); they skip without it,
+and fail under CI, which installs it.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sparseconv as jsc
+from jax_sparseconv import _native, models
+from jax_sparseconv import testing as T
+
+OURS = "jsc_"  # prefix of our custom-call targets
+
+
+@pytest.fixture(scope="session")
+def tpu_device():
+    """A device of a TPU v5e topology, for deviceless compiles (libtpu, no TPU)."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("libtpu is missing: CI compiles for TPU without one (pip install \"jax[tpu]==<jax version>\")")
+        pytest.skip("libtpu is not installed (pip install \"jax[tpu]==<jax version>\"): no deviceless TPU compile")
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
+
+
+def compile_for(exported: jax.export.Exported, device):
+    """The compiled executable of ``exported`` for ``device`` (a TPU topology's: it cannot run)."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in exported.in_avals]
+    args, kwargs = jax.tree_util.tree_unflatten(exported.in_tree, specs)
+    return jax.jit(exported.call).lower(*args, **kwargs).compile()
+
+
+def assert_bitwise_equal(a, b):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for u, v in zip(leaves_a, leaves_b):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# ---- per-platform lowering of every op ------------------------------------------------
+
+CONV = {"build_rulebook", "gather_matmul", "gather_matmul_grad"}
+OPS = {  # name: (op(x, kernel, backend), the native targets its value and gradient call)
+    "subm": (lambda x, k, b: jsc.sparse_conv(x, k, subm=True, backend=b), CONV),
+    "regular": (lambda x, k, b: jsc.sparse_conv(x, k, strides=2, padding=1, backend=b), CONV),
+    "transposed": (lambda x, k, b: jsc.sparse_conv(x, k, strides=2, transposed=True, out_capacity=200, backend=b),
+                   CONV),
+    "inverse": (lambda x, k, b: jsc.sparse_conv(jsc.sparse_conv(x, k, strides=2, padding=1, indice_key="d", backend=b),
+                                                k, inverse=True, indice_key="d", backend=b), CONV),
+    "max_pool": (lambda x, k, b: jsc.sparse_max_pool(x, 3, 2, 1, backend=b),
+                 {"build_rulebook", "gather_max", "gather_max_grad"}),
+    "avg_pool": (lambda x, k, b: jsc.sparse_avg_pool(x, 3, 2, 1, backend=b), {"build_rulebook", "gather_sum"}),
+}
+
+
+def _value_and_grad(op, backend):
+    def loss(features, x, kernel):
+        return jnp.sum(op(x.replace_feature(features), kernel, backend).features ** 2)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
+
+
+def _targets(text: str) -> set[str]:
+    """Our targets that ``text`` (a lowered module) calls, without prefix and version."""
+    return {t.removeprefix(OURS).removesuffix("_v1") for t in _native.TARGETS if t in text}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_default_backend_lowers_per_platform(name, rng):
+    """backend=None: a program lowered for cpu calls our kernels (rulebook, forward, backward),
+    one lowered for tpu none of them; on CPU the results are bitwise those of backend='ffi'."""
+    op, expected_targets = OPS[name]
+    x = T.random_tensor(rng, 2, (7, 8, 6), 3, density=0.3)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 3)), jnp.float32)
+    fn = _value_and_grad(op, None)
+    cpu = jsc.export(fn, platforms=("cpu",))(x.features, x, kernel).mlir_module()
+    tpu = jsc.export(fn, platforms=("tpu",))(x.features, x, kernel).mlir_module()
+    assert _targets(cpu) == expected_targets
+    assert OURS not in tpu
+    assert_bitwise_equal(fn(x.features, x, kernel), _value_and_grad(op, "ffi")(x.features, x, kernel))
+
+
+def test_explicit_ffi_refuses_to_lower_for_tpu(rng):
+    x = T.random_tensor(rng, 1, (6, 6, 6), 2)
+    kernel = jnp.ones((3, 3, 3, 2, 2), jnp.float32)
+    fn = _value_and_grad(OPS["subm"][0], "ffi")
+    assert _targets(jsc.export(fn, platforms=("cpu",))(x.features, x, kernel).mlir_module()) == CONV
+    for platforms in (("tpu",), ("cpu", "tpu")):
+        with pytest.raises(ValueError, match=r"backend='ffi' has native kernels for cpu.* lowered for tpu"):
+            jsc.export(fn, platforms=platforms)(x.features, x, kernel)
+
+
+# ---- models: export, reload in fresh processes, compile for TPU -------------------------
+
+EXPORTS = {  # name: (model, backend, platforms, vmapped)
+    "unet": ("unet", None, ("cpu", "tpu"), False),
+    "unet_xla": ("unet", "xla", ("cpu", "tpu"), False),
+    "unet_ffi": ("unet", "ffi", ("cpu",), False),
+    "backbone": ("backbone", None, ("cpu", "tpu"), False),
+    "backbone_xla": ("backbone", "xla", ("cpu", "tpu"), False),
+    "backbone_ffi": ("backbone", "ffi", ("cpu",), False),
+    "unet_vmap": ("unet", None, ("cpu", "tpu"), True),
+}
+
+
+def _served(model, spatial_shape, vmapped: bool):
+    """What a server runs: arrays in (variables, features, indices), arrays out."""
+    def infer(variables, features, indices):
+        y = model.apply(variables, jsc.SparseConvTensor(features, indices, spatial_shape, 1))
+        return y.features, y.indices, y.overflow
+    return jax.jit(jax.vmap(infer, in_axes=(None, 0, 0)) if vmapped else infer)
+
+
+@pytest.fixture(scope="module")
+def exported_models(labeled_scan, tiny_unet):
+    """``{name: (Exported, arguments, the jitted function's outputs in this process)}``."""
+    crops = [(-5.0, -95.0, -4.0, 5.0, -85.0, 4.0), (-5.0, -85.0, -4.0, 5.0, -75.0, 4.0)]
+    scans = [labeled_scan(crop, voxel_size=(0.4, 0.4, 0.2), capacity=2048)[0] for crop in crops]
+    x = scans[0]
+    make = {"unet": tiny_unet, "backbone": lambda backend: models.VoxelBackBone8x(
+        features=(4, 4, 8, 8, 8), out_capacities=(2.0, 1.0, 1.0, 1.0), backend=backend)}
+    variables = {name: jax.jit(make_model(None).init)(jax.random.key(0), x) for name, make_model in make.items()}
+    results = {}
+    for name, (model_name, backend, platforms, vmapped) in EXPORTS.items():
+        fn = _served(make[model_name](backend), x.spatial_shape, vmapped)
+        stack = (lambda *a: jnp.stack(a)) if vmapped else (lambda a, *_: a)
+        args = (variables[model_name], stack(*(s.features for s in scans)), stack(*(s.indices for s in scans)))
+        results[name] = (jsc.export(fn, platforms=platforms)(*args), args, fn(*args))
+    return results
+
+
+def test_exports_are_for_their_platforms_with_our_targets_where_native(exported_models):
+    for name, (exported, _, outputs) in exported_models.items():
+        model_name, backend, platforms, _ = EXPORTS[name]
+        assert exported.platforms == platforms
+        assert (OURS in exported.mlir_module()) == (backend != "xla"), name
+        features, indices, overflow = outputs
+        assert not np.any(np.asarray(overflow)), f"{name}: a capacity of the test model overflowed"
+    # One scan through the default, ffi and xla programs: bitwise equal where the kernels are the same.
+    for model_name in ("unet", "backbone"):
+        default, ffi, portable = (exported_models[model_name + s][2] for s in ("", "_ffi", "_xla"))
+        assert_bitwise_equal(default, ffi)
+        np.testing.assert_array_equal(default[1], portable[1])
+        np.testing.assert_allclose(default[0], portable[0], rtol=2e-4, atol=2e-5)
+    vmapped, single = exported_models["unet_vmap"][2], exported_models["unet"][2]
+    assert_bitwise_equal(jax.tree_util.tree_map(lambda a: a[0], vmapped), single)
+
+
+RELOAD = """
+import sys
+from pathlib import Path
+import jax
+import numpy as np
+{imports}
+folder = Path(sys.argv[1])
+for blob in sorted(folder.glob("*.jax")):
+    exported = {deserialize}(blob.read_bytes())
+    arrays = np.load(blob.with_suffix(".args.npz"))
+    args, kwargs = jax.tree_util.tree_unflatten(exported.in_tree, [arrays[f"a{{i}}"] for i in range(len(arrays.files))])
+    try:
+        outputs = exported.call(*args, **kwargs)
+    except Exception as error:
+        print(blob.stem, type(error).__name__, str(error).splitlines()[0])
+        continue
+    np.savez(blob.with_suffix(".out.npz"), *jax.tree_util.tree_leaves(outputs))
+    print(blob.stem, "ran")
+"""
+
+
+def _reload(folder, with_jax_sparseconv: bool) -> dict[str, str]:
+    """Runs every artifact in ``folder`` in a fresh Python: ``{name: "ran" or the error}``."""
+    script = RELOAD.format(imports="import jax_sparseconv as jsc" if with_jax_sparseconv else "",
+                           deserialize="jsc.deserialize" if with_jax_sparseconv else "jax.export.deserialize")
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True,
+                            cwd=folder, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in result.stdout.splitlines())
+
+
+def _save(folder, name, exported, args):
+    (folder / f"{name}.jax").write_bytes(exported.serialize())
+    np.savez(folder / f"{name}.args.npz", **{f"a{i}": a for i, a in enumerate(jax.tree_util.tree_leaves(args))})
+
+
+def test_exports_reload_in_a_fresh_process(exported_models, tmp_path):
+    """Serialized, deserialized in a process that only imported jax_sparseconv, run: bitwise
+    the outputs of the jitted function in this process."""
+    for name, (exported, args, _) in exported_models.items():
+        _save(tmp_path, name, exported, args)
+    assert _reload(tmp_path, with_jax_sparseconv=True) == dict.fromkeys(exported_models, "ran")
+    for name, (_, _, outputs) in exported_models.items():
+        reloaded = np.load(tmp_path / f"{name}.out.npz")
+        assert_bitwise_equal([reloaded[f"arr_{i}"] for i in range(len(reloaded.files))], outputs)
+
+
+def test_a_process_without_jax_sparseconv_runs_xla_exports_only(exported_models, tmp_path):
+    """JAX alone runs a backend='xla' export; our kernels' targets are not found without the
+    import that registers them (the message the README quotes)."""
+    for name in ("unet", "unet_xla"):
+        _save(tmp_path, name, *exported_models[name][:2])
+    ran = _reload(tmp_path, with_jax_sparseconv=False)
+    assert ran["unet_xla"] == "ran"
+    assert ran["unet"].startswith("JaxRuntimeError NOT_FOUND: No FFI handler registered for jsc_"), ran["unet"]
+    reloaded = np.load(tmp_path / "unet_xla.out.npz")
+    assert_bitwise_equal([reloaded[f"arr_{i}"] for i in range(len(reloaded.files))], exported_models["unet_xla"][2])
+
+
+@pytest.mark.parametrize("name", ["unet", "backbone"])
+def test_the_tpu_part_compiles_without_our_kernels(name, exported_models, tpu_device):
+    compiled = compile_for(exported_models[name][0], tpu_device)
+    assert OURS not in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
