@@ -194,7 +194,8 @@ def main(argv=None) -> dict:
     picture = args.out_dir / "segmentation.png"
     save_picture(picture, points, labels, predicted, losses, iou)
     print(f"wrote {picture}")
-    return {"losses": losses, "iou": iou, "miou": miou, "accuracy": accuracy, "picture": picture}
+    return {"losses": losses, "iou": iou, "miou": miou, "accuracy": accuracy, "picture": picture, "model": model,
+            "variables": {"params": params, "batch_stats": batch_stats}, "max_voxels": max_voxels}
 
 
 if __name__ == "__main__":

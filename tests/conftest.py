@@ -20,8 +20,10 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 2)
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-# Where libtpu is installed (for deviceless TPU compiles), it should not look for TPU hosts.
+# Where libtpu is installed (for deviceless TPU compiles): no TPU hosts to look for, and
+# several test processes (pytest-xdist workers, subprocesses) may load it at once.
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax_sparseconv as jsc  # noqa: E402
 from jax_sparseconv import models, utils  # noqa: E402

@@ -26,6 +26,22 @@ def test_segmentation_trains_and_scores_every_point(shared_data, tmp_path, load_
     assert_png(result["picture"])
 
 
+def test_export_serves_the_trained_model_in_a_fresh_process(shared_data, tmp_path, load_example):
+    """examples/export.py: exported for cpu, cuda and tpu, served by a fresh process (which the
+    example checks to be bitwise its own predictions)."""
+    points = np.load(shared_data("semantickitti/o3dml_000700_points.npy"))
+    export = load_example("export")
+    result = export.main(["--steps", "1", "--voxel-size", "0.5", "--width", "4", "--out-dir", str(tmp_path)])
+    assert result["platforms"] == ("cpu", "cuda", "tpu")
+    served = result["served"]
+    assert served.shape == (len(points),) and np.array_equal(served, result["here"])
+    grid = np.asarray(load_example("segmentation").RANGE)
+    outside = np.any((points[:, :3] < grid[:3]) | (points[:, :3] >= grid[3:]), axis=1)
+    assert np.all(served[outside] == -1) and np.mean(served[~outside] >= 0) > 0.999
+    assert served.max() < 20  # SemanticKITTI's learning ids
+    assert_png(result["picture"])
+
+
 def test_per_class_iou_by_hand(load_example):
     segmentation = load_example("segmentation")
     labels = np.array([0, 1, 1, 1, 2, 2, 3])
@@ -91,7 +107,7 @@ def test_read_point_clouds(shared_data, tmp_path, load_example):
 
 
 @pytest.mark.parametrize("name", ["segmentation", "detection_backbone", "read_point_clouds", "quickstart",
-                                  "data_parallel"])
+                                  "data_parallel", "export"])
 def test_example_documents_its_command(name):
     doc = (EXAMPLES / f"{name}.py").read_text().split('"""')[1]
     assert f"python examples/{name}.py" in doc

@@ -5,10 +5,12 @@ The TPU cases need libtpu (``pip install "jax[tpu]==<this jax>"``); they skip wi
 and fail under CI, which installs it.
 """
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from jax_sparseconv import _native, models
 from jax_sparseconv import testing as T
 
 OURS = "jsc_"  # prefix of our custom-call targets
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
@@ -223,3 +226,35 @@ def test_the_tpu_part_compiles_without_our_kernels(name, exported_models, tpu_de
     compiled = compile_for(exported_models[name][0], tpu_device)
     assert OURS not in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+# ---- the contract with saved models -------------------------------------------------------
+
+def test_targets_are_the_ones_every_compiled_module_registers():
+    for module in (_native.cpu, _native.cuda):
+        if module is not None:
+            assert sorted(module.registrations()) == sorted(_native.TARGETS)
+    assert all(t.startswith(OURS) and t.endswith("_v1") for t in _native.TARGETS)
+
+
+def _artifact_maker():
+    spec = importlib.util.spec_from_file_location("make_ops_v1", DATA / "make_ops_v1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_model_saved_with_the_v1_targets_still_gives_its_recorded_outputs():
+    """tests/data/ops_v1.jax was exported once (tests/data/make_ops_v1.py, jax 0.10.2); every
+    later version must run it bitwise as recorded. The recorded outputs are also what the xla
+    backend computes today from the same inputs."""
+    exported = jsc.deserialize((DATA / "ops_v1.jax").read_bytes())
+    assert exported.platforms == ("cpu", "tpu")
+    assert _targets(exported.mlir_module()) == {t.removeprefix(OURS).removesuffix("_v1") for t in _native.TARGETS}
+    recorded = np.load(DATA / "ops_v1.npz")
+    args = [recorded[f"in_{i}"] for i in range(sum(k.startswith("in_") for k in recorded.files))]
+    expected = [recorded[f"out_{i}"] for i in range(sum(k.startswith("out_") for k in recorded.files))]
+    assert_bitwise_equal(jax.tree_util.tree_leaves(exported.call(*args)), expected)
+    network = jax.jit(functools.partial(_artifact_maker().network, backend="xla"))
+    for today, saved in zip(jax.tree_util.tree_leaves(network(*args)), expected, strict=True):
+        np.testing.assert_allclose(np.asarray(today), saved, rtol=1e-5, atol=1e-5)  # values up to ~10

@@ -31,7 +31,7 @@ def _raw_call(indices, out_capacity, kernel_volume, rows, **attrs):
                  jax.ShapeDtypeStruct((out_capacity, kernel_volume), jnp.int32),
                  jax.ShapeDtypeStruct((rows, kernel_volume), jnp.int32),
                  jax.ShapeDtypeStruct((), jnp.int32))
-    call = jax.ffi.ffi_call("jsc_build_rulebook", out_types, vmap_method="sequential")
+    call = jax.ffi.ffi_call("jsc_build_rulebook_v1", out_types, vmap_method="sequential")
     return jax.block_until_ready(call(indices, **{k: (np.int64(v) if np.isscalar(v) else np.asarray(v, np.int64))
                                                   for k, v in attrs.items()}))
 

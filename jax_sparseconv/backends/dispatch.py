@@ -15,8 +15,6 @@ that says so, instead of a program that fails to compile there or an export that
 
 from __future__ import annotations
 
-import types
-
 import jax
 from jax.extend import core
 from jax.interpreters import batching, mlir
@@ -84,5 +82,17 @@ def _native_only_function(name: str, num_arrays: int):
     return run
 
 
-per_platform = types.SimpleNamespace(**{name: _per_platform_function(name, n) for name, n in ARRAY_ARGUMENTS.items()})
-native_only = types.SimpleNamespace(**{name: _native_only_function(name, n) for name, n in ARRAY_ARGUMENTS.items()})
+class _Backend:
+    """A backend made of functions; hashed by identity, so ``jit`` takes it as a static argument."""
+
+    def __init__(self, name: str, make_function):
+        self.__name__ = name
+        for function, num_arrays in ARRAY_ARGUMENTS.items():
+            setattr(self, function, make_function(function, num_arrays))
+
+    def __repr__(self) -> str:
+        return f"<backend {self.__name__}>"
+
+
+per_platform = _Backend("per_platform", _per_platform_function)
+native_only = _Backend("ffi", _native_only_function)
