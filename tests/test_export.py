@@ -106,6 +106,30 @@ def test_explicit_ffi_refuses_to_lower_for_tpu(rng):
             jsc.export(fn, platforms=platforms)(x.features, x, kernel)
 
 
+def test_what_serves_where_is_reported():
+    assert jsc.backends.serving(None, "cpu") == "ffi" == jsc.build_info()["default_backend"]
+    assert jsc.backends.serving(None, "tpu") == "xla" and jsc.backends.serving("xla", "cpu") == "xla"
+    assert jsc.backends.describe(None).startswith("None (ffi on cpu")
+
+
+def test_tensors_and_rulebooks_cross_the_export_boundary(rng):
+    """A function of SparseConvTensors returning one with rulebooks in its indice_dict exports,
+    serializes and runs after deserializing (the trees are registered for serialization)."""
+    x = T.random_tensor(rng, 2, (6, 7, 5), 2)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 4)), jnp.float32)
+
+    def fn(x, kernel):
+        y = jsc.sparse_conv(x, kernel, subm=True, indice_key="subm")
+        return jsc.sparse_max_pool(y, 2, indice_key="pool")
+
+    reloaded = jsc.deserialize(jsc.export(jax.jit(fn))(x, kernel).serialize())
+    got, expected = reloaded.call(x, kernel), jax.jit(fn)(x, kernel)
+    assert isinstance(got, jsc.SparseConvTensor) and set(got.indice_dict) == {"subm", "pool"}
+    assert got.indice_dict["pool"].geometry == expected.indice_dict["pool"].geometry
+    assert (got.spatial_shape, got.batch_size) == (expected.spatial_shape, expected.batch_size)
+    assert_bitwise_equal(got, expected)
+
+
 # ---- models: export, reload in fresh processes, compile for TPU -------------------------
 
 EXPORTS = {  # name: (model, backend, platforms, vmapped)
