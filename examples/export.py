@@ -1,6 +1,6 @@
 """Export a trained segmentation model for CPU, CUDA and TPU, and serve it in a fresh process.
 
-    python examples/export.py [--steps 40] [--voxel-size 0.3] [--width 8] [--out-dir example_outputs]
+    python examples/export.py [--steps 80] [--voxel-size 0.3] [--width 8] [--out-dir example_outputs]
 
 Trains the MinkUNet of ``examples/segmentation.py`` briefly on the labeled SemanticKITTI
 scan in ``../shared/data/semantickitti``, then exports its inference function (points in,
@@ -41,7 +41,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="training steps")
+    parser.add_argument("--steps", type=int, default=80, help="training steps")
     parser.add_argument("--voxel-size", type=float, default=0.3, help="voxel edge in metres")
     parser.add_argument("--width", type=int, default=8, help="channels of the MinkUNet's first level")
     parser.add_argument("--data", type=pathlib.Path, default=EXAMPLES.parents[1] / "shared" / "data" / "semantickitti",
@@ -70,7 +70,8 @@ def serve(artifact: pathlib.Path, points: np.ndarray, out_dir: pathlib.Path) -> 
           f"{jax.devices()[0].platform}: {len(points)} points, {int(np.sum(predicted >= 0))} inside the grid")
     found = np.bincount(predicted[predicted >= 0], minlength=len(labels["classes"]))
     for c in np.argsort(-found, kind="stable")[:6]:
-        print(f"{labels['classes'][c]:>14} {found[c]:>7} points")
+        if found[c]:
+            print(f"{labels['classes'][c]:>14} {found[c]:>7} points")
 
     colours = matplotlib.colors.to_rgba_array(labels["colours"])
     fig, ax = plt.subplots(figsize=(7, 7))
