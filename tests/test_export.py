@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,16 +84,18 @@ def _targets(text: str) -> set[str]:
 
 @pytest.mark.parametrize("name", OPS)
 def test_default_backend_lowers_per_platform(name, rng):
-    """backend=None: a program lowered for cpu calls our kernels (rulebook, forward, backward),
-    one lowered for tpu none of them; on CPU the results are bitwise those of backend='ffi'."""
+    """backend=None: a program lowered for cpu (and for cuda where _cuda is built) calls our
+    kernels (rulebook, forward, backward), one lowered for tpu or rocm none of them; on CPU the
+    results are bitwise those of backend='ffi'."""
     op, expected_targets = OPS[name]
     x = T.random_tensor(rng, 2, (7, 8, 6), 3, density=0.3)
     kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 3)), jnp.float32)
     fn = _value_and_grad(op, None)
-    cpu = jsc.export(fn, platforms=("cpu",))(x.features, x, kernel).mlir_module()
-    tpu = jsc.export(fn, platforms=("tpu",))(x.features, x, kernel).mlir_module()
-    assert _targets(cpu) == expected_targets
-    assert OURS not in tpu
+    for platform in ("cpu", "cuda", "tpu", "rocm"):
+        module = jsc.export(fn, platforms=(platform,))(x.features, x, kernel).mlir_module()
+        native = platform in jsc.backends.native_platforms()
+        assert _targets(module) == (expected_targets if native else set()), platform
+    assert jsc.backends.native_platforms()[0] == "cpu"
     assert_bitwise_equal(fn(x.features, x, kernel), _value_and_grad(op, "ffi")(x.features, x, kernel))
 
 
@@ -151,9 +154,16 @@ def _served(model, spatial_shape, vmapped: bool):
     return jax.jit(jax.vmap(infer, in_axes=(None, 0, 0)) if vmapped else infer)
 
 
+class Export(NamedTuple):
+    exported: jax.export.Exported
+    args: tuple  # (variables, features, indices)
+    outputs: tuple  # of the jitted function, in this process
+    fn: Callable  # the jitted function
+
+
 @pytest.fixture(scope="module")
 def exported_models(labeled_scan, tiny_unet):
-    """``{name: (Exported, arguments, the jitted function's outputs in this process)}``."""
+    """``{name: Export}`` for every entry of EXPORTS, on crops of the labeled scan."""
     crops = [(-5.0, -95.0, -4.0, 5.0, -85.0, 4.0), (-5.0, -85.0, -4.0, 5.0, -75.0, 4.0)]
     scans = [labeled_scan(crop, voxel_size=(0.4, 0.4, 0.2), capacity=2048)[0] for crop in crops]
     x = scans[0]
@@ -165,30 +175,35 @@ def exported_models(labeled_scan, tiny_unet):
         fn = _served(make[model_name](backend), x.spatial_shape, vmapped)
         stack = (lambda *a: jnp.stack(a)) if vmapped else (lambda a, *_: a)
         args = (variables[model_name], stack(*(s.features for s in scans)), stack(*(s.indices for s in scans)))
-        results[name] = (jsc.export(fn, platforms=platforms)(*args), args, fn(*args))
+        results[name] = Export(jsc.export(fn, platforms=platforms)(*args), args, fn(*args), fn)
     return results
 
 
 def test_exports_are_for_their_platforms_with_our_targets_where_native(exported_models):
-    for name, (exported, _, outputs) in exported_models.items():
-        model_name, backend, platforms, _ = EXPORTS[name]
-        assert exported.platforms == platforms
-        assert (OURS in exported.mlir_module()) == (backend != "xla"), name
-        features, indices, overflow = outputs
+    for name, export in exported_models.items():
+        _, backend, platforms, _ = EXPORTS[name]
+        assert export.exported.platforms == platforms
+        assert (OURS in export.exported.mlir_module()) == (backend != "xla"), name
+        overflow = export.outputs[2]
         assert not np.any(np.asarray(overflow)), f"{name}: a capacity of the test model overflowed"
     # One scan through the default, ffi and xla programs: bitwise equal where the kernels are the same.
     for model_name in ("unet", "backbone"):
-        default, ffi, portable = (exported_models[model_name + s][2] for s in ("", "_ffi", "_xla"))
+        default, ffi, portable = (exported_models[model_name + s].outputs for s in ("", "_ffi", "_xla"))
         assert_bitwise_equal(default, ffi)
         np.testing.assert_array_equal(default[1], portable[1])
         np.testing.assert_allclose(default[0], portable[0], rtol=2e-4, atol=2e-5)
-    vmapped, single = exported_models["unet_vmap"][2], exported_models["unet"][2]
-    assert_bitwise_equal(jax.tree_util.tree_map(lambda a: a[0], vmapped), single)
+    # Each scan of the vmapped batch: bitwise the unbatched function's result on it.
+    vmapped, single = exported_models["unet_vmap"], exported_models["unet"]
+    variables, features, indices = vmapped.args
+    for i in range(features.shape[0]):
+        assert_bitwise_equal(jax.tree_util.tree_map(lambda a: a[i], vmapped.outputs),
+                             single.fn(variables, features[i], indices[i]))
 
 
 RELOAD = """
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 import jax
 import numpy as np
 {imports}
@@ -225,29 +240,30 @@ def _save(folder, name, exported, args):
 def test_exports_reload_in_a_fresh_process(exported_models, tmp_path):
     """Serialized, deserialized in a process that only imported jax_sparseconv, run: bitwise
     the outputs of the jitted function in this process."""
-    for name, (exported, args, _) in exported_models.items():
-        _save(tmp_path, name, exported, args)
+    for name, export in exported_models.items():
+        _save(tmp_path, name, export.exported, export.args)
     assert _reload(tmp_path, with_jax_sparseconv=True) == dict.fromkeys(exported_models, "ran")
-    for name, (_, _, outputs) in exported_models.items():
+    for name, export in exported_models.items():
         reloaded = np.load(tmp_path / f"{name}.out.npz")
-        assert_bitwise_equal([reloaded[f"arr_{i}"] for i in range(len(reloaded.files))], outputs)
+        assert_bitwise_equal([reloaded[f"arr_{i}"] for i in range(len(reloaded.files))], export.outputs)
 
 
 def test_a_process_without_jax_sparseconv_runs_xla_exports_only(exported_models, tmp_path):
     """JAX alone runs a backend='xla' export; our kernels' targets are not found without the
     import that registers them (the message the README quotes)."""
     for name in ("unet", "unet_xla"):
-        _save(tmp_path, name, *exported_models[name][:2])
+        _save(tmp_path, name, exported_models[name].exported, exported_models[name].args)
     ran = _reload(tmp_path, with_jax_sparseconv=False)
     assert ran["unet_xla"] == "ran"
     assert ran["unet"].startswith("JaxRuntimeError NOT_FOUND: No FFI handler registered for jsc_"), ran["unet"]
     reloaded = np.load(tmp_path / "unet_xla.out.npz")
-    assert_bitwise_equal([reloaded[f"arr_{i}"] for i in range(len(reloaded.files))], exported_models["unet_xla"][2])
+    assert_bitwise_equal([reloaded[f"arr_{i}"] for i in range(len(reloaded.files))],
+                         exported_models["unet_xla"].outputs)
 
 
 @pytest.mark.parametrize("name", ["unet", "backbone"])
 def test_the_tpu_part_compiles_without_our_kernels(name, exported_models, tpu_device):
-    compiled = compile_for(exported_models[name][0], tpu_device)
+    compiled = compile_for(exported_models[name].exported, tpu_device)
     assert OURS not in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
 
