@@ -69,16 +69,16 @@ def serve(artifact: pathlib.Path, points: np.ndarray, out_dir: pathlib.Path) -> 
     print(f"served {artifact.name} (exported for {', '.join(exported.platforms)}) on "
           f"{jax.devices()[0].platform}: {len(points)} points, {int(np.sum(predicted >= 0))} inside the grid")
     found = np.bincount(predicted[predicted >= 0], minlength=len(labels["classes"]))
-    for c in np.argsort(-found, kind="stable")[:6]:
-        if found[c]:
-            print(f"{labels['classes'][c]:>14} {found[c]:>7} points")
+    ranked = [c for c in np.argsort(-found, kind="stable") if found[c]]  # classes found, most points first
+    for c in ranked[:6]:
+        print(f"{labels['classes'][c]:>14} {found[c]:>7} points")
 
     colours = matplotlib.colors.to_rgba_array(labels["colours"])
     fig, ax = plt.subplots(figsize=(7, 7))
     inside = predicted >= 0
     ax.scatter(points[inside, 0], points[inside, 1], c=colours[predicted[inside]], s=0.5, linewidths=0)
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[c], label=labels["classes"][c])
-               for c in np.argsort(-found, kind="stable")[:8] if found[c]]
+               for c in ranked[:8]]
     ax.legend(handles=handles, loc="lower right", fontsize=7, markerscale=1.5)
     ax.set(title=f"served in a fresh process from {artifact.name}", aspect="equal", xlabel="x (m)", ylabel="y (m)")
     picture = out_dir / "export_served.png"

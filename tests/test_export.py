@@ -77,9 +77,19 @@ def _value_and_grad(op, backend):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
 
 
+def _short(target: str) -> str:
+    """``"jsc_gather_sum_v1"`` -> ``"gather_sum"``."""
+    return target.removeprefix(OURS).removesuffix("_v1")
+
+
 def _targets(text: str) -> set[str]:
-    """Our targets that ``text`` (a lowered module) calls, without prefix and version."""
-    return {t.removeprefix(OURS).removesuffix("_v1") for t in _native.TARGETS if t in text}
+    """Our targets that ``text`` (a lowered module) calls, by their short names."""
+    return {_short(t) for t in _native.TARGETS if t in text}
+
+
+def _numbered(arrays, prefix: str) -> list[np.ndarray]:
+    """The arrays ``<prefix>0, <prefix>1, ...`` of a loaded .npz file, in order."""
+    return [arrays[f"{prefix}{i}"] for i in range(sum(k.startswith(prefix) for k in arrays.files))]
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -244,8 +254,7 @@ def test_exports_reload_in_a_fresh_process(exported_models, tmp_path):
         _save(tmp_path, name, export.exported, export.args)
     assert _reload(tmp_path, with_jax_sparseconv=True) == dict.fromkeys(exported_models, "ran")
     for name, export in exported_models.items():
-        reloaded = np.load(tmp_path / f"{name}.out.npz")
-        assert_bitwise_equal([reloaded[f"arr_{i}"] for i in range(len(reloaded.files))], export.outputs)
+        assert_bitwise_equal(_numbered(np.load(tmp_path / f"{name}.out.npz"), "arr_"), export.outputs)
 
 
 def test_a_process_without_jax_sparseconv_runs_xla_exports_only(exported_models, tmp_path):
@@ -256,9 +265,7 @@ def test_a_process_without_jax_sparseconv_runs_xla_exports_only(exported_models,
     ran = _reload(tmp_path, with_jax_sparseconv=False)
     assert ran["unet_xla"] == "ran"
     assert ran["unet"].startswith("JaxRuntimeError NOT_FOUND: No FFI handler registered for jsc_"), ran["unet"]
-    reloaded = np.load(tmp_path / "unet_xla.out.npz")
-    assert_bitwise_equal([reloaded[f"arr_{i}"] for i in range(len(reloaded.files))],
-                         exported_models["unet_xla"].outputs)
+    assert_bitwise_equal(_numbered(np.load(tmp_path / "unet_xla.out.npz"), "arr_"), exported_models["unet_xla"].outputs)
 
 
 @pytest.mark.parametrize("name", ["unet", "backbone"])
@@ -290,10 +297,9 @@ def test_a_model_saved_with_the_v1_targets_still_gives_its_recorded_outputs():
     backend computes today from the same inputs."""
     exported = jsc.deserialize((DATA / "ops_v1.jax").read_bytes())
     assert exported.platforms == ("cpu", "tpu")
-    assert _targets(exported.mlir_module()) == {t.removeprefix(OURS).removesuffix("_v1") for t in _native.TARGETS}
+    assert _targets(exported.mlir_module()) == {_short(t) for t in _native.TARGETS}
     recorded = np.load(DATA / "ops_v1.npz")
-    args = [recorded[f"in_{i}"] for i in range(sum(k.startswith("in_") for k in recorded.files))]
-    expected = [recorded[f"out_{i}"] for i in range(sum(k.startswith("out_") for k in recorded.files))]
+    args, expected = _numbered(recorded, "in_"), _numbered(recorded, "out_")
     assert_bitwise_equal(jax.tree_util.tree_leaves(exported.call(*args)), expected)
     network = jax.jit(functools.partial(_artifact_maker().network, backend="xla"))
     for today, saved in zip(jax.tree_util.tree_leaves(network(*args)), expected, strict=True):
