@@ -43,11 +43,18 @@ def _get_rulebook(x: SparseConvTensor, geometry, indice_key, out_capacity, backe
             return cached
     if out_capacity is None:
         out_capacity = geometry.default_out_capacity(x.capacity, x.batch_size)
-    rulebook = build_rulebook(x.indices, geometry, x.batch_size, int(out_capacity), backends.get(backend))
+    rulebook = build_rulebook(x.indices, geometry, x.batch_size, int(out_capacity), backends.get(backend),
+                              presorted=_sorted_sites(x))
     if is_concrete(rulebook.needed):
         raise_if_overflow(overflow_record(rulebook.needed, rulebook.out_capacity),
                           f"{geometry.mode} sparse op (indice_key={indice_key!r})")
     return rulebook
+
+
+def _sorted_sites(x: SparseConvTensor) -> bool:
+    """Whether ``x``'s sites are known to be sorted: they are the output sites (the same
+    array) of a regular or transposed rulebook it carries, which come in sorted order."""
+    return any(r.out_indices is x.indices and r.geometry.mode != SUBM for r in x.indice_dict.values())
 
 
 def _same_sites(a: jax.Array, b: jax.Array) -> bool:
@@ -354,13 +361,18 @@ def _union_rows(tensors, out_capacity: int):
     Returns ``(out_indices [out_capacity, ndim + 1], rows [T, out_capacity], needed)``:
     ``rows[t, o]`` is the row of tensor ``t`` at output site ``o``, or -1.
     """
+    batch_size, shape = tensors[0].batch_size, tensors[0].spatial_shape
     indices = jnp.concatenate([t.indices for t in tensors])
     owner = jnp.concatenate([jnp.full((t.capacity,), i, jnp.int32) for i, t in enumerate(tensors)])
     row = jnp.concatenate([jnp.arange(t.capacity, dtype=jnp.int32) for t in tensors])
-    sites, valid, (owner, row), first, rank = xla.sort_site_runs(indices, indices[:, 0] >= 0, owner, row)
-    target = jnp.where(valid & (rank < out_capacity), rank, out_capacity)  # out of range: dropped
-    out_indices = jnp.full((out_capacity, indices.shape[1]), -1, jnp.int32)
-    out_indices = out_indices.at[jnp.where(first, target, out_capacity)].set(sites, mode="drop")
+    columns = xla.site_columns(indices)
+    keys = xla.site_keys(columns, xla.in_grid(columns, batch_size, shape), batch_size, shape)
+    keys, (owner, row) = xla.sort_keys(keys, owner, row)
+    first = xla.run_starts(keys)
+    rank = jnp.cumsum(first, dtype=jnp.int32) - 1
+    target = jnp.where((keys[0] != xla.SENTINEL) & (rank < out_capacity), rank, out_capacity)  # dropped
+    out_keys = xla.gather_keys(keys, *xla.nth_starts(first, out_capacity))
+    out_indices = jnp.stack(xla.key_sites(out_keys, batch_size, shape), axis=1)
     rows = jnp.full((len(tensors), out_capacity), -1, jnp.int32).at[owner, target].set(row, mode="drop")
     return out_indices, rows, jnp.sum(first, dtype=jnp.int32)
 

@@ -76,9 +76,15 @@ class ConvGeometry:
         return np.stack([g.reshape(-1) for g in grids], axis=1).astype(np.int32)
 
     def max_outputs_per_input(self) -> int:
-        """How many output sites one input site can reach at most."""
+        """How many output sites one input site can reach at most.
+
+        Regular: along each dim the offsets that reach an output are those with
+        ``offset * dilation`` in the input's residue class modulo the stride, every
+        ``stride / gcd(stride, dilation)``-th offset.
+        """
         if self.mode == REGULAR:
-            return math.prod(-(-k // s) for k, s in zip(self.kernel_size, self.strides))
+            return math.prod(-(-k // (s // math.gcd(s, d)))
+                             for k, s, d in zip(self.kernel_size, self.strides, self.dilation))
         return self.kernel_volume
 
     def default_out_capacity(self, in_capacity: int, batch_size: int) -> int:

@@ -69,12 +69,17 @@ class Rulebook:
 
 
 def build_rulebook(indices: jax.Array, geometry: ConvGeometry, batch_size: int,
-                   out_capacity: int, backend) -> Rulebook:
-    """Builds the rulebook of ``geometry`` over the sites ``indices`` with ``backend``."""
+                   out_capacity: int, backend, presorted: bool = False) -> Rulebook:
+    """Builds the rulebook of ``geometry`` over the sites ``indices`` with ``backend``.
+
+    ``presorted``: the caller knows the active rows of ``indices`` are in sorted
+    ``(batch, coords)`` order with padding rows last (the output sites of a regular or
+    transposed rulebook), which spares the xla backend a sort.
+    """
     if geometry.mode == SUBM:
         out_capacity = indices.shape[0]
     out_indices, out_nbr, in_nbr, needed = backend.build_rulebook(indices, geometry, batch_size,
-                                                                 out_capacity)
+                                                                 out_capacity, presorted)
     if geometry.mode == SUBM:
         out_indices = indices
     return Rulebook(geometry, False, indices, out_indices, out_nbr, in_nbr, needed)

@@ -94,8 +94,11 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
     zyx = jnp.where(inside[:, None], zyx, 0).astype(jnp.int32)
 
     # Sort points by voxel (stable: input order within a voxel); runs of one voxel.
-    sorted_zyx, valid, (order,), starts, voxel = xla.sort_site_runs(zyx, inside, jnp.arange(n, dtype=jnp.int32),
-                                                                    stable=True)
+    columns = (jnp.zeros((n,), jnp.int32), zyx[:, 0], zyx[:, 1], zyx[:, 2])
+    keys, (order,) = xla.sort_keys(xla.site_keys(columns, inside, 1, shape), jnp.arange(n, dtype=jnp.int32),
+                                   stable=True)
+    valid, starts = keys[0] != xla.SENTINEL, xla.run_starts(keys)
+    voxel = jnp.cumsum(starts, dtype=jnp.int32) - 1
     position = jnp.arange(n, dtype=jnp.int32)
     position = position - jax.lax.cummax(jnp.where(starts, position, 0))
     kept = valid & (voxel < max_voxels)
@@ -113,8 +116,8 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
     else:
         features = jnp.zeros((max_voxels, points.shape[1]), points.dtype).at[
             jnp.where(position == 0, row, max_voxels)].set(sorted_points, mode="drop")
-    coords = jnp.full((max_voxels, 3), -1, jnp.int32).at[jnp.where(starts, row, max_voxels)].set(
-        sorted_zyx, mode="drop")
+    coords = jnp.stack(xla.key_sites(xla.gather_keys(keys, *xla.nth_starts(starts, max_voxels)), 1, shape)[1:],
+                       axis=1)
     point_to_voxel = jnp.full((n,), -1, jnp.int32).at[order].set(jnp.where(kept, voxel, -1))
     num_voxels = jnp.sum(starts, dtype=jnp.int32)
     overflow = overflow_record(num_voxels, max_voxels)

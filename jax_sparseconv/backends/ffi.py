@@ -89,8 +89,10 @@ def _row_kernel(fn, num_gathered: int):
     return kernel
 
 
-def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
-    """Returns ``(out_indices, out_nbr, in_nbr, needed)``; see rulebook.py."""
+def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int, presorted: bool = False):
+    """Returns ``(out_indices, out_nbr, in_nbr, needed)``; see rulebook.py. ``presorted`` is
+    not needed: the native builders hash the sites."""
+    del presorted
     build = jax.custom_batching.custom_vmap(
         lambda indices: _build_rulebook(indices, geometry, batch_size, out_capacity))
 

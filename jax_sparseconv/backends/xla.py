@@ -1,7 +1,17 @@
 """Pure-JAX backend: runs on every platform (CPU, GPU, TPU) and is the reference.
 
-Rulebooks are built by sorting, not hashing: sites are compared as tuples of int32
-columns ``(batch, *coords)``, so no linearised key can overflow whatever the grid size.
+Written for accelerators, where sorts are costly to compile and scatters serialize:
+
+- Sites are compared by one int32 key, ``(batch, *coords)`` packed row-major over
+  ``(batch_size, *grid)``, whenever that is below int32's largest value (the key of
+  invalid sites, which sort last). Larger grids compare the columns as tuples: the same
+  order, so the same rulebooks. ``site_keys`` makes either form.
+- A rulebook sorts at most twice: the input sites (not at all when they are the sorted
+  output sites of an earlier rulebook, ``presorted``) and, for regular and transposed
+  convolutions, the sites the inputs reach. Everything else is binary searches, that is
+  gathers; no scatter.
+- Index arrays are built offset-leading (``[K, N]``), the layout whose minor dimension
+  is the long one, and transposed once into the rulebook's ``[N, K]``.
 """
 
 from __future__ import annotations
@@ -15,40 +25,50 @@ import numpy as np
 from jax import lax
 
 from jax_sparseconv._vma import vary_like
-from jax_sparseconv.geometry import REGULAR, SUBM, ConvGeometry
+from jax_sparseconv.geometry import SUBM, TRANSPOSED, ConvGeometry
 
-_SENTINEL = np.iinfo(np.int32).max  # batch index of invalid sites: sorts after every real site
+SENTINEL = np.iinfo(np.int32).max  # first key of invalid sites: sorts after every real site
 
 
-def output_sites(indices: jax.Array, geometry: ConvGeometry):
-    """Sites reached from every input row through every kernel offset.
+# ---- site keys --------------------------------------------------------------------------
 
-    Returns ``(sites [N, K, ndim + 1] int32, valid [N, K] bool)``; see geometry.py for the
-    mapping. Invalid entries (padding rows, off-grid, between strides) are arbitrary.
+def packs(batch_size: int, shape) -> bool:
+    """Whether sites of ``(batch_size, *shape)`` pack into one int32 key below the sentinel."""
+    return batch_size * math.prod(shape) < SENTINEL
+
+
+def site_keys(columns: tuple, valid: jax.Array, batch_size: int, shape) -> tuple[jax.Array, ...]:
+    """Sort keys of sites given as columns ``(batch, *coords)`` (int32, any equal shapes).
+
+    One packed key where ``packs``, else the columns with the batch as first key; invalid
+    sites get the sentinel as first key. Keys order sites as ``(batch, *coords)`` tuples.
     """
-    g = geometry
-    offsets = jnp.asarray(g.offsets())[None]  # [1, K, ndim]
-    coords = indices[:, None, 1:]  # [N, 1, ndim]
-    kernel, strides, padding, dilation, out_shape = (
-        jnp.asarray(v, jnp.int32) for v in (g.kernel_size, g.strides, g.padding, g.dilation, g.out_shape))
-    valid = indices[:, None, :1] >= 0  # [N, 1, 1], broadcast below
-    if g.mode == SUBM:
-        out = coords - (offsets - kernel // 2) * dilation
-    elif g.mode == REGULAR:
-        t = coords + padding - offsets * dilation
-        valid = valid & (t >= 0) & (t % strides == 0)
-        out = t // strides
-    else:
-        out = coords * strides - padding + offsets * dilation
-    valid = jnp.all(valid & (out >= 0) & (out < out_shape), axis=-1)
-    batch = jnp.broadcast_to(indices[:, None, :1], out.shape[:2] + (1,))
-    return jnp.concatenate([batch, out], axis=-1), valid
+    if packs(batch_size, shape):
+        key = columns[0]
+        for column, size in zip(columns[1:], shape):
+            key = key * size + column
+        return (jnp.where(valid, key, SENTINEL),)
+    return (jnp.where(valid, columns[0], SENTINEL),) + tuple(columns[1:])
 
 
-def _columns(sites: jax.Array, valid: jax.Array) -> tuple[jax.Array, ...]:
-    """Sort-key columns of ``sites [..., ndim + 1]``; invalid sites sort last."""
-    batch = jnp.where(valid, sites[..., 0], _SENTINEL)
-    return (batch,) + tuple(sites[..., d] for d in range(1, sites.shape[-1]))
+def key_sites(keys: tuple, batch_size: int, shape) -> tuple[jax.Array, ...]:
+    """The columns ``(batch, *coords)`` of ``site_keys``' keys; ``-1`` for invalid ones."""
+    valid = keys[0] != SENTINEL
+    if packs(batch_size, shape):
+        key, coords = keys[0], []
+        for size in reversed(shape):
+            coords.append(key % size)
+            key = key // size
+        keys = (key, *reversed(coords))
+    return tuple(jnp.where(valid, column, -1) for column in keys)
+
+
+def in_grid(columns: tuple, batch_size: int, shape) -> jax.Array:
+    """Sites inside ``(batch_size, *shape)`` (padding rows have batch ``-1``: outside)."""
+    inside = (columns[0] >= 0) & (columns[0] < batch_size)
+    for column, size in zip(columns[1:], shape):
+        inside = inside & (column >= 0) & (column < size)
+    return inside
 
 
 def _lex_less(a: tuple, b: tuple) -> jax.Array:
@@ -60,75 +80,166 @@ def _lex_less(a: tuple, b: tuple) -> jax.Array:
     return less
 
 
-def _lookup(table: tuple, rows: jax.Array, queries: tuple) -> jax.Array:
-    """Row of each query site in a sorted table of columns, or -1 (binary search)."""
+def lower_bound(table: tuple, queries: tuple) -> jax.Array:
+    """For each query key, the first row of the sorted key ``table`` not below it
+    (``n``, the table's length, if none): a binary search of gathers, int32."""
     n = table[0].shape[0]
-    if n == 0:
-        return jnp.full(queries[0].shape, -1, jnp.int32)
     # Loop carries vary over the mesh axes of what they search (shard_map).
     lo = vary_like(jnp.zeros(queries[0].shape, jnp.int32), *table, *queries)
+    if n == 0:
+        return lo
     hi = vary_like(jnp.full(queries[0].shape, n, jnp.int32), *table, *queries)
 
     def step(_, bounds):
         lo, hi = bounds
         mid = (lo + hi) // 2
-        go_right = _lex_less(tuple(col[mid] for col in table), queries) & (lo < hi)
+        go_right = _lex_less(tuple(column[mid] for column in table), queries) & (lo < hi)
         return jnp.where(go_right, mid + 1, lo), jnp.where(go_right | (lo >= hi), hi, mid)
 
-    lo, _ = lax.fori_loop(0, max(1, math.ceil(math.log2(n + 1))) + 1, step, (lo, hi))
-    at = jnp.minimum(lo, n - 1)
-    found = (lo < n) & jnp.all(jnp.stack([col[at] == q for col, q in zip(table, queries)]), axis=0)
-    return jnp.where(found, rows[at], -1)
+    lo, _ = lax.fori_loop(0, math.ceil(math.log2(n + 1)) + 1, step, (lo, hi))
+    return lo
 
 
-def sort_site_runs(sites: jax.Array, valid: jax.Array, *payloads: jax.Array, stable: bool = False):
-    """Sorts ``sites [n, D]`` (int32) as tuples of columns and groups equal sites into runs.
+def find(table: tuple, queries: tuple, valid: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """Row of each valid query key in the sorted ``table`` (``rows[position]`` when given),
+    or ``-1`` where it is invalid or absent."""
+    n = table[0].shape[0]
+    if n == 0:
+        return jnp.full(queries[0].shape, -1, jnp.int32)
+    at = jnp.minimum(lower_bound(table, queries), n - 1)
+    found = valid
+    for column, query in zip(table, queries):
+        found = found & (column[at] == query)
+    return jnp.where(found, at if rows is None else rows[at], -1)
 
-    Invalid sites sort last and belong to no run. Returns, in sorted order,
-    ``(sites, valid, payloads, first, rank)``: ``first`` marks the first row of each run,
-    ``rank`` numbers the runs 0, 1, ... (for every row, that of the last run begun). The
-    rulebook builder, ``sparse_add``'s union and ``voxelize`` all group sites this way.
+
+def sort_keys(keys: tuple, *payloads: jax.Array, stable: bool = False):
+    """``(keys, payloads)`` sorted by the keys; invalid sites last."""
+    *columns, = lax.sort(keys + payloads, num_keys=len(keys), is_stable=stable)
+    return tuple(columns[:len(keys)]), tuple(columns[len(keys):])
+
+
+def run_starts(keys: tuple) -> jax.Array:
+    """Of sorted keys: the first row of each run of equal valid keys (bool)."""
+    if keys[0].shape[0] == 0:
+        return jnp.zeros((0,), bool)
+    differs = functools.reduce(jnp.logical_or, [column[1:] != column[:-1] for column in keys])
+    return (keys[0] != SENTINEL) & jnp.concatenate([jnp.ones((1,), bool), differs])
+
+
+def nth_starts(first: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Rows of the first ``capacity`` runs: ``(row [capacity] int32, stored [capacity] bool)``;
+    rows past the last run are 0 and not stored. A search of the running count: a gather."""
+    count = jnp.cumsum(first, dtype=jnp.int32)
+    wanted = jnp.arange(1, capacity + 1, dtype=jnp.int32)
+    row = lower_bound((count,), (vary_like(wanted, count),))
+    stored = row < first.shape[0]
+    return jnp.where(stored, row, 0), stored
+
+
+def gather_keys(keys: tuple, rows: jax.Array, stored: jax.Array) -> tuple[jax.Array, ...]:
+    """``keys`` at ``rows``, invalid where not ``stored`` (``nth_starts``' results)."""
+    if keys[0].shape[0] == 0:
+        return (jnp.full(rows.shape, SENTINEL, jnp.int32),) + tuple(jnp.zeros(rows.shape, jnp.int32) for _ in keys[1:])
+    return (jnp.where(stored, keys[0][rows], SENTINEL),) + tuple(column[rows] for column in keys[1:])
+
+
+# ---- rulebooks ----------------------------------------------------------------------------
+
+def reached_sites(columns: tuple, valid: jax.Array, geometry: ConvGeometry, forward: bool = True):
+    """Sites reached through every kernel offset from sites ``columns`` (``(batch, *coords)``,
+    each ``[N]`` int32): output sites of input sites (``forward``), or the input sites that
+    reach output sites. Returns ``(columns, each [K, N] int32; valid [K, N] bool)``; invalid
+    entries (padding, off the grid, between strides) hold arbitrary sites.
     """
-    num_keys = sites.shape[1]
-    *columns, = lax.sort(_columns(sites, valid) + payloads, num_keys=num_keys, is_stable=stable)
-    columns, payloads = columns[:num_keys], tuple(columns[num_keys:])
-    valid = columns[0] != _SENTINEL
-    differs = jnp.any(jnp.stack([c[1:] != c[:-1] for c in columns]), axis=0)
-    first = valid & jnp.concatenate([jnp.ones((min(sites.shape[0], 1),), bool), differs])
-    rank = jnp.cumsum(first, dtype=jnp.int32) - 1
-    return jnp.stack(columns, axis=1), valid, payloads, first, rank
+    g = geometry
+    if g.mode == SUBM:  # o = i - (k - kernel // 2) * dilation: a stride-1 regular conv
+        strides, padding = (1,) * g.ndim, tuple(k // 2 * d for k, d in zip(g.kernel_size, g.dilation))
+    else:
+        strides, padding = g.strides, g.padding
+    # Regular (and subm): o * s = i + p - k * d; transposed: o = i * s - p + k * d.
+    divide = (g.mode != TRANSPOSED) == forward
+    target = g.out_shape if forward else g.in_shape
+    shifts = g.offsets() * np.asarray(g.dilation, np.int32)  # [K, ndim]
+    ok = valid[None]
+    out = []
+    for d in range(g.ndim):
+        c, shift = columns[d + 1][None], jnp.asarray(shifts[:, d, None])
+        if divide:
+            t = c + padding[d] - shift
+            if strides[d] > 1:
+                ok = ok & (t % strides[d] == 0)
+                t = t // strides[d]
+        else:
+            t = c * strides[d] - padding[d] + shift
+        ok = ok & (t >= 0) & (t < target[d])
+        out.append(t)
+    batch = jnp.broadcast_to(columns[0][None], ok.shape)
+    return (batch, *out), ok
+
+
+def _valid_first(keys: tuple, valid: jax.Array, slots: int) -> tuple[jax.Array, ...]:
+    """``keys [K, N]`` with each column's valid entries moved into its first ``slots`` rows
+    (``[slots, N]``; the rest invalid), when at most ``slots`` of ``K`` can be valid (a strided
+    conv's input reaches ``prod(ceil(kernel / stride))`` of its ``K`` offsets): the sort of
+    the reached sites then sorts ``slots * N`` keys, not ``K * N``. Selects only, no scatter."""
+    if slots >= valid.shape[0]:
+        return keys
+    packed = [[jnp.full(valid.shape[1:], SENTINEL if c == 0 else 0, jnp.int32) for c in range(len(keys))]
+              for _ in range(slots)]
+    count = jnp.zeros(valid.shape[1:], jnp.int32)
+    for k in range(valid.shape[0]):
+        for slot in range(slots):
+            take = valid[k] & (count == slot)
+            packed[slot] = [jnp.where(take, key[k], old) for key, old in zip(keys, packed[slot])]
+        count = count + valid[k]
+    return tuple(jnp.stack([packed[slot][c] for slot in range(slots)]) for c in range(len(keys)))
+
+
+def site_columns(indices: jax.Array) -> tuple[jax.Array, ...]:
+    """The columns ``(batch, *coords)`` of ``indices [N, ndim + 1]``."""
+    return tuple(indices[:, d] for d in range(indices.shape[1]))
+
+
+def _site_table(indices, batch_size: int, shape, presorted: bool):
+    """The sites of ``indices`` as sorted keys, and the row each key came from (None: the
+    rows are in order already, ``presorted``)."""
+    columns = site_columns(indices)
+    keys = site_keys(columns, in_grid(columns, batch_size, shape), batch_size, shape)
+    if presorted:
+        return keys, None
+    keys, (rows,) = sort_keys(keys, jnp.arange(indices.shape[0], dtype=jnp.int32))
+    return keys, rows
 
 
 # Each entry point is jitted so that eager calls (a Flax ``init``, a notebook) run as one
 # compiled computation instead of op by op; inside an outer ``jit`` this changes nothing.
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
-    """Returns ``(out_indices, out_nbr, in_nbr, needed)``; see rulebook.py."""
-    del batch_size  # sites are compared as tuples, so the batch size never matters
-    n, K = indices.shape[0], geometry.kernel_volume
-    sites, valid = output_sites(indices, geometry)
-    if geometry.mode == SUBM:
-        *table, rows = lax.sort(_columns(indices, indices[:, 0] >= 0) + (jnp.arange(n, dtype=jnp.int32),),
-                                num_keys=geometry.ndim + 1)
-        in_nbr = jnp.where(valid, _lookup(tuple(table), rows, _columns(sites, valid)), -1)
-        needed = jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
-        return indices, in_nbr[:, ::-1], in_nbr, needed
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int, presorted: bool = False):
+    """Returns ``(out_indices, out_nbr, in_nbr, needed)``; see rulebook.py. ``presorted``:
+    the active rows of ``indices`` are in sorted ``(batch, coords)`` order, padding last
+    (the output sites of a regular or transposed rulebook), so they need no sort."""
+    g, n = geometry, indices.shape[0]
+    table, rows = _site_table(indices, batch_size, g.in_shape, presorted)
+    columns = site_columns(indices)
+    reached, reached_ok = reached_sites(columns, in_grid(columns, batch_size, g.in_shape), g)  # [K, n]
+    if g.mode == SUBM:
+        in_nbr = find(table, site_keys(reached, reached_ok, batch_size, g.out_shape), reached_ok, rows).T
+        return indices, in_nbr[:, ::-1], in_nbr, jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
 
-    # Sort every (input, offset) pair by the site it reaches; runs of equal sites are
-    # one output row each, numbered in sorted order.
-    flat_sites, flat_valid = sites.reshape(n * K, geometry.ndim + 1), valid.reshape(n * K)
-    sorted_sites, is_valid, (pair,), first, rank = sort_site_runs(flat_sites, flat_valid,
-                                                                  jnp.arange(n * K, dtype=jnp.int32))
-    needed = jnp.sum(first, dtype=jnp.int32)
-    stored = is_valid & (rank < out_capacity)
-    drop = jnp.where(stored, rank, out_capacity)  # out of range: dropped by the scatters
+    # Output rows: the distinct reached sites in sorted order, the first out_capacity stored.
+    reached_keys = site_keys(reached, reached_ok, batch_size, g.out_shape)
+    candidates, () = sort_keys(tuple(key.reshape(-1) for key in _valid_first(reached_keys, reached_ok,
+                                                                             g.max_outputs_per_input())))
+    first = run_starts(candidates)
+    out_keys = gather_keys(candidates, *nth_starts(first, out_capacity))
+    out_columns = key_sites(out_keys, batch_size, g.out_shape)
 
-    out_indices = jnp.full((out_capacity, geometry.ndim + 1), -1, jnp.int32)
-    out_indices = out_indices.at[jnp.where(first, drop, out_capacity)].set(sorted_sites, mode="drop")
-    out_nbr = jnp.full((out_capacity, K), -1, jnp.int32).at[drop, pair % K].set(pair // K, mode="drop")
-    in_nbr = jnp.full((n * K,), -1, jnp.int32).at[pair].set(jnp.where(stored, rank, -1), unique_indices=True)
-    return out_indices, out_nbr, in_nbr.reshape(n, K), needed
+    in_nbr = find(out_keys, reached_keys, reached_ok).T
+    sources, sources_ok = reached_sites(out_columns, out_columns[0] >= 0, g, forward=False)  # [K, out_capacity]
+    out_nbr = find(table, site_keys(sources, sources_ok, batch_size, g.in_shape), sources_ok, rows).T
+    return jnp.stack(out_columns, axis=1), out_nbr, in_nbr, jnp.sum(first, dtype=jnp.int32)
 
 
 # ---- feature kernels ---------------------------------------------------------------
@@ -146,6 +257,14 @@ def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.where((rows >= 0)[..., None], x[safe], 0)
 
 
+# The loops over kernel offsets read one neighbour column per step from the offset-leading
+# transpose ``nbr.T [K, M]`` (a contiguous row; XLA cancels it against the rulebook
+# builder's own transpose when both are in one program).
+
+def _offset_rows(by_offset: jax.Array, k) -> jax.Array:
+    return lax.dynamic_index_in_dim(by_offset, k, axis=0, keepdims=False)
+
+
 @functools.partial(jax.jit, static_argnums=3)
 def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
     """``out[r] = sum_k x[nbr[r, k]] @ w[k]``: ``x [N, Cin]``, ``w [K, Cin, Cout]``, ``nbr [M, K]``.
@@ -153,11 +272,11 @@ def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) ->
     Conv forward (with out_nbr) and its input gradient (with in_nbr and w transposed).
     Returns ``[M, Cout]`` in the accumulation dtype; ``precision`` as in ``jnp.matmul``.
     """
-    acc = accumulator(x.dtype)
+    acc, by_offset = accumulator(x.dtype), nbr.T
 
     def step(k, out):
-        rows = lax.dynamic_index_in_dim(nbr, k, axis=1, keepdims=False)
-        return out + jnp.matmul(_gather_rows(x, rows), w[k], precision=precision, preferred_element_type=acc)
+        return out + jnp.matmul(_gather_rows(x, _offset_rows(by_offset, k)), w[k], precision=precision,
+                                preferred_element_type=acc)
 
     return lax.fori_loop(0, w.shape[0], step, vary_like(jnp.zeros((nbr.shape[0], w.shape[2]), acc), x, w, nbr))
 
@@ -176,10 +295,10 @@ def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array, precision=Non
 @jax.jit
 def gather_sum(x: jax.Array, nbr: jax.Array) -> jax.Array:
     """``out[r] = sum_k x[nbr[r, k]]``, ``[M, C]`` in the accumulation dtype."""
-    acc = accumulator(x.dtype)
+    acc, by_offset = accumulator(x.dtype), nbr.T
 
     def step(k, out):
-        return out + _gather_rows(x, lax.dynamic_index_in_dim(nbr, k, axis=1, keepdims=False)).astype(acc)
+        return out + _gather_rows(x, _offset_rows(by_offset, k)).astype(acc)
 
     return lax.fori_loop(0, nbr.shape[1], step, vary_like(jnp.zeros((nbr.shape[0], x.shape[1]), acc), x, nbr))
 
@@ -190,9 +309,11 @@ def gather_max(x: jax.Array, nbr: jax.Array):
 
     ``argk`` is the first offset attaining the max (``-1`` and ``out = 0`` with no neighbour).
     """
+    by_offset = nbr.T
+
     def step(k, carry):
         best, argk = carry
-        rows = lax.dynamic_index_in_dim(nbr, k, axis=1, keepdims=False)
+        rows = _offset_rows(by_offset, k)
         value = _gather_rows(x, rows)
         better = (rows >= 0)[:, None] & ((argk < 0) | (value > best))
         return jnp.where(better, value, best), jnp.where(better, k, argk)
@@ -204,8 +325,10 @@ def gather_max(x: jax.Array, nbr: jax.Array):
 @jax.jit
 def gather_max_grad(g: jax.Array, argk: jax.Array, in_nbr: jax.Array) -> jax.Array:
     """Input gradient of ``gather_max``: ``dx[i] = sum_k g[o] where argk[o] == k, o = in_nbr[i, k]``."""
+    by_offset = in_nbr.T
+
     def step(k, dx):
-        rows = lax.dynamic_index_in_dim(in_nbr, k, axis=1, keepdims=False)
+        rows = _offset_rows(by_offset, k)
         won = _gather_rows(argk, rows) == k
         return dx + jnp.where(won & (rows >= 0)[:, None], _gather_rows(g, rows), 0)
 
