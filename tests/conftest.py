@@ -108,6 +108,28 @@ def tiny_unet():
 
 
 @pytest.fixture(scope="session")
+def tpu_compile():
+    """``compile(function, *args)``: ``jax.jit(function)`` compiled for a device of a TPU v5e
+    topology without a TPU (libtpu); the executable cannot run, its text and
+    ``memory_analysis()`` are real. ``args``: pytrees of arrays or ShapeDtypeStructs. Skips
+    where libtpu is missing, with the reason; fails under CI, which installs it."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("libtpu is missing: CI compiles for TPU without one (pip install \"jax[tpu]==<jax version>\")")
+        pytest.skip("libtpu is not installed (pip install \"jax[tpu]==<jax version>\"): no deviceless TPU compile")
+    from jax.experimental import topologies
+    device = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+
+    def compile(function, *args):
+        specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+        return jax.jit(function).lower(*specs).compile()
+    return compile
+
+
+@pytest.fixture(scope="session")
 def load_example():
     """``load(name)``: the module ``examples/<name>.py``, imported (its ``main`` not run)."""
     def load(name: str):

@@ -220,14 +220,38 @@ def test_inverse_conv_returns_to_input_sites(ndim, backend, rng):
 
 
 def test_backends_build_identical_rulebooks(rng):
-    build = jax.jit(jsc.rulebook.build_rulebook, static_argnums=(1, 2, 3, 4))
-    for case in CASES[::3]:
+    """ffi (64-bit keys), xla with packed int32 keys, xla comparing key columns (as for grids
+    too large to pack: here forced by a batch size that does not pack) and xla told that
+    sorted sites are sorted (``presorted``, the output sites of a regular conv): one rulebook."""
+    build = jax.jit(jsc.rulebook.build_rulebook, static_argnums=(1, 2, 3, 4, 5))
+    for case in CASES[::2]:
         x = T.random_tensor(rng, case.batch_size, case.spatial_shape, 1)
         g = case.geometry()
         capacity = _out_capacity(x, case)
-        books = [build(x.indices, g, x.batch_size, capacity, jsc.backends.get(name)) for name in ("xla", "ffi")]
-        for a, b in zip(jax.tree_util.tree_leaves(books[0]), jax.tree_util.tree_leaves(books[1])):
+        unpackable = 2**31 // int(np.prod(case.spatial_shape)) + 1
+        assert jsc.backends.xla.packs(x.batch_size, g.in_shape) and not jsc.backends.xla.packs(unpackable, g.in_shape)
+        reference = build(x.indices, g, x.batch_size, capacity, jsc.backends.get("ffi"), False)
+        books = [build(x.indices, g, x.batch_size, capacity, jsc.backends.get("xla"), False),
+                 build(x.indices, g, unpackable, capacity, jsc.backends.get("xla"), False)]
+        sites = np.asarray(x.indices)
+        order = np.lexsort(sites.T[::-1])  # rows sorted as tuples; padding (batch -1) first
+        ordered = jnp.asarray(np.roll(sites[order], -int(np.sum(sites[:, 0] < 0)), axis=0))  # padding last
+        for book in books:
+            for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(book)):
+                np.testing.assert_array_equal(a, b, err_msg=str(case))
+        told, found = (build(ordered, g, x.batch_size, capacity, jsc.backends.get("xla"), presorted)
+                       for presorted in (True, False))
+        for a, b in zip(jax.tree_util.tree_leaves(told), jax.tree_util.tree_leaves(found)):
             np.testing.assert_array_equal(a, b, err_msg=str(case))
+
+
+def test_max_outputs_per_input_bounds_what_an_input_reaches():
+    """The bound (which sizes the sort of a strided conv's reached sites) is reached exactly,
+    dilation and strides with common factors included."""
+    for kernel, stride, dilation in [(3, 2, 1), (4, 2, 2), (5, 2, 2), (5, 3, 1), (4, 4, 2), (6, 4, 2), (3, 1, 2)]:
+        g = make_geometry(REGULAR, (40,), kernel, stride, 2, dilation)
+        reached = [sum((c + 2 - k * dilation) % stride == 0 for k in range(kernel)) for c in range(40)]
+        assert g.max_outputs_per_input() == max(reached), (kernel, stride, dilation)
 
 
 def test_deterministic(backend, rng):

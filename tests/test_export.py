@@ -7,7 +7,6 @@ and fail under CI, which installs it.
 
 import functools
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,27 +23,6 @@ from jax_sparseconv import testing as T
 
 OURS = "jsc_"  # prefix of our custom-call targets
 DATA = Path(__file__).resolve().parent / "data"
-
-
-@pytest.fixture(scope="session")
-def tpu_device():
-    """A device of a TPU v5e topology, for deviceless compiles (libtpu, no TPU)."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("libtpu is missing: CI compiles for TPU without one (pip install \"jax[tpu]==<jax version>\")")
-        pytest.skip("libtpu is not installed (pip install \"jax[tpu]==<jax version>\"): no deviceless TPU compile")
-    from jax.experimental import topologies
-    return topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
-
-
-def compile_for(exported: jax.export.Exported, device):
-    """The compiled executable of ``exported`` for ``device`` (a TPU topology's: it cannot run)."""
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in exported.in_avals]
-    args, kwargs = jax.tree_util.tree_unflatten(exported.in_tree, specs)
-    return jax.jit(exported.call).lower(*args, **kwargs).compile()
 
 
 def assert_bitwise_equal(a, b):
@@ -269,8 +247,10 @@ def test_a_process_without_jax_sparseconv_runs_xla_exports_only(exported_models,
 
 
 @pytest.mark.parametrize("name", ["unet", "backbone"])
-def test_the_tpu_part_compiles_without_our_kernels(name, exported_models, tpu_device):
-    compiled = compile_for(exported_models[name].exported, tpu_device)
+def test_the_tpu_part_compiles_without_our_kernels(name, exported_models, tpu_compile):
+    exported = exported_models[name].exported
+    args, kwargs = jax.tree_util.tree_unflatten(exported.in_tree, exported.in_avals)
+    compiled = tpu_compile(lambda *args: exported.call(*args, **kwargs), *args)
     assert OURS not in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
 
