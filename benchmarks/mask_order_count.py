@@ -44,7 +44,7 @@ def main():
                                       1, x.capacity)
         maps = {"out_nbr": rulebook[1]} if mode == "subm" else {"out_nbr": rulebook[1], "in_nbr": rulebook[2]}
         for name, nbr in maps.items():
-            has = np.asarray(nbr) >= 0
+            has = np.asarray(nbr).T >= 0  # [rows, K]
             masks = (has * (np.uint64(1) << np.arange(has.shape[1], dtype=np.uint64))).sum(axis=1, dtype=np.uint64)
             for order_name, order in (("in order", np.arange(len(has))),
                                       ("mask order", np.argsort(masks, kind="stable"))):

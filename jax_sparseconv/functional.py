@@ -224,7 +224,7 @@ def _avg_pool(features, out_nbr, in_nbr, out_active, backend):
 
 
 def _avg_pool_fwd(features, out_nbr, in_nbr, out_active, backend):
-    count = jnp.sum(out_nbr >= 0, axis=1, keepdims=True)
+    count = jnp.sum(out_nbr >= 0, axis=0)[:, None]
     scale = jnp.where(out_active[:, None], 1.0 / jnp.maximum(count, 1), 0.0)
     out = backends.get(backend).gather_sum(features, out_nbr) * scale
     return out.astype(features.dtype), (in_nbr, scale)

@@ -1,10 +1,12 @@
 """Rulebooks: which input row meets which output row through which kernel offset.
 
-A rulebook is a pair of static-shape neighbour maps (int32, ``-1`` = no neighbour):
+A rulebook is a pair of static-shape neighbour maps (int32, ``-1`` = no neighbour),
+offset-leading (a TPU pads an array's minor dimension to 128 lanes; the capacity is the
+long one):
 
-- ``out_nbr [out_capacity, K]``: ``out_nbr[o, k]`` is the input row that output row
+- ``out_nbr [K, out_capacity]``: ``out_nbr[k, o]`` is the input row that output row
   ``o`` reads through kernel offset ``k``. The forward pass gathers along it.
-- ``in_nbr [in_capacity, K]``: ``in_nbr[i, k]`` is the output row that input row ``i``
+- ``in_nbr [K, in_capacity]``: ``in_nbr[k, i]`` is the output row that input row ``i``
   feeds through offset ``k``. For a fixed offset each input feeds at most one output,
   so this is the exact transpose, and backward passes gather along it instead of
   scattering (deterministic, no atomics).
@@ -38,8 +40,8 @@ class Rulebook:
       inverted: True for the transpose used by an inverse convolution.
       in_indices: ``[in_capacity, ndim + 1]`` int32 input sites.
       out_indices: ``[out_capacity, ndim + 1]`` int32 output sites (``-1`` rows: padding).
-      out_nbr: ``[out_capacity, K]`` int32, see the module docstring.
-      in_nbr: ``[in_capacity, K]`` int32.
+      out_nbr: ``[K, out_capacity]`` int32, see the module docstring.
+      in_nbr: ``[K, in_capacity]`` int32.
       needed: int32 scalar, the number of output sites the geometry produces; more than
         ``out_capacity`` means the rulebook overflowed (extra sites were counted, not stored).
     """
@@ -55,7 +57,7 @@ class Rulebook:
     @property
     def out_capacity(self) -> int:
         """Rows of the output tensor."""
-        return self.out_nbr.shape[-2]
+        return self.out_nbr.shape[-1]
 
     @property
     def out_shape(self) -> tuple[int, ...]:

@@ -350,8 +350,8 @@ def test_out_of_range_neighbours_count_as_missing(name, cuda, rng):
     other = {"gather_matmul": (jnp.asarray(rng.normal(size=(k, cin, cout)), jnp.float32),),
              "gather_matmul_grad": (jnp.asarray(rng.normal(size=(m, cout)), jnp.float32),)}.get(name, ())
     precision = {"precision": "highest"} if name.startswith("gather_matmul") else {}
-    got = jax.block_until_ready(getattr(ffi, name)(x, *other, jnp.asarray(hostile, jnp.int32), **precision))
-    want = getattr(xla, name)(x, *other, jnp.asarray(cleaned), **precision)
+    got = jax.block_until_ready(getattr(ffi, name)(x, *other, jnp.asarray(hostile.T, jnp.int32), **precision))
+    want = getattr(xla, name)(x, *other, jnp.asarray(cleaned.T), **precision)
     _assert_trees_close(got, want, rtol=1e-4, atol=1e-4)
 
 

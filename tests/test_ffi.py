@@ -127,7 +127,7 @@ def _feature_args(name, rng, n, m, k, cin, cout, dtype, nbr):
         return x, jnp.asarray(rng.normal(size=(k, cin, cout)), dtype), nbr
     if name == "gather_matmul_grad":
         return x, jnp.asarray(rng.normal(size=(m, cout)), dtype), nbr
-    if name == "gather_max_grad":  # g [n, C] of pool outputs, argk, in_nbr [m, K] into them
+    if name == "gather_max_grad":  # g [n, C] of pool outputs, argk, in_nbr [K, m] into them
         return x, jnp.asarray(rng.integers(-1, k, size=(n, cin)), jnp.int32), nbr
     return x, nbr
 
@@ -141,7 +141,7 @@ def test_feature_handlers_on_hostile_neighbour_maps(name, n, m, k, cin, cout, lo
     """Entries outside [-1, N) give an error naming the map; valid maps give the XLA backend's result."""
     rng = np.random.default_rng(seed)
     nbr = jnp.asarray(rng.integers(low, n + high_extra, size=(m, k)), jnp.int32)
-    args = _feature_args(name, rng, n, m, k, cin, cout, dtype, nbr)
+    args = _feature_args(name, rng, n, m, k, cin, cout, dtype, nbr.T)  # the maps are offset-leading
     bad = bool(((np.asarray(nbr) < -1) | (np.asarray(nbr) >= n)).any())
     if bad:
         with pytest.raises(Exception, match="nbr entry"):

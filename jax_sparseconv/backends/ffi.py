@@ -4,7 +4,9 @@ the platforms "cpu" and "CUDA", so one ``ffi_call`` serves both).
 
 Rulebooks are built from 64-bit site keys (sorted on the CPU, a hash table on the
 GPU); the feature kernels gather along the neighbour maps in row tiles on XLA's CPU
-thread pool. Every
+thread pool. The handlers take and give neighbour maps row-major (``[M, K]``); the
+functions here transpose them to and from the rulebook's offset-leading ``[K, M]`` (in
+one program XLA cancels each pair of transposes). Every
 function matches the signature, dtypes and results of its twin in ``xla.py``.
 Features may be float32, float64, bfloat16 or float16 (float32 accumulation for
 the half types).
@@ -93,6 +95,12 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
     """Returns ``(out_indices, out_nbr, in_nbr, needed)``; see rulebook.py. ``presorted`` is
     not needed: the native builders hash the sites."""
     del presorted
+    out_indices, out_nbr, in_nbr, needed = _build_row_major(indices, geometry, batch_size, out_capacity)
+    return out_indices, out_nbr.T, in_nbr.T, needed
+
+
+def _build_row_major(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
+    """The handler's rulebook, neighbour maps ``[rows, K]``; under vmap one call on all items."""
     build = jax.custom_batching.custom_vmap(
         lambda indices: _build_rulebook(indices, geometry, batch_size, out_capacity))
 
@@ -124,7 +132,7 @@ def _fold_build(indices, geometry: ConvGeometry, batch_size: int, out_capacity: 
     item = jnp.arange(V, dtype=jnp.int32)[:, None]
     batch = jnp.where(indices[..., 0] >= 0, indices[..., 0] + item * batch_size, -1)
     folded = jnp.concatenate([batch[..., None], indices[..., 1:]], axis=-1).reshape(V * n, -1)
-    out_indices, out_nbr, in_nbr, needed = build_rulebook(folded, geometry, V * batch_size, V * out_capacity)
+    out_indices, out_nbr, in_nbr, needed = _build_row_major(folded, geometry, V * batch_size, V * out_capacity)
     if geometry.mode == SUBM:
         unshift = lambda m: _shift(m.reshape(V, n, -1), -n)  # noqa: E731  (rows of item v start at v * n)
         return indices, unshift(out_nbr), unshift(in_nbr), jnp.sum(indices[..., 0] >= 0, axis=1, dtype=jnp.int32)
@@ -196,33 +204,33 @@ _gather_max_grad_folding = _row_kernel(_gather_max_grad, num_gathered=2)
 
 
 def gather_matmul(x, w, nbr, precision=None):
-    """``out[r] = sum_k x[nbr[r, k]] @ w[k]`` in the accumulation dtype (see xla.py).
+    """``out[r] = sum_k x[nbr[k, r]] @ w[k]`` in the accumulation dtype (see xla.py).
 
     ``precision``: on a CUDA GPU, float32 products use TF32 tensor cores where
     ``allows_tf32(precision)``; on the CPU they are always full float32.
     """
-    return _gather_matmul_folding[allows_tf32(precision)](x, w, nbr)
+    return _gather_matmul_folding[allows_tf32(precision)](x, w, nbr.T)
 
 
 def gather_matmul_grad(x, g, nbr, precision=None):
-    """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py).
+    """``dw[k] = sum_r x[nbr[k, r]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py).
 
     Under vmap it runs once per item (the sums must stay per item): the handler's own
     "sequential" batching. ``precision`` as in ``gather_matmul``.
     """
-    return _gather_matmul_grad(x, g, nbr, allows_tf32(precision))
+    return _gather_matmul_grad(x, g, nbr.T, allows_tf32(precision))
 
 
 def gather_sum(x, nbr):
-    """``out[r] = sum_k x[nbr[r, k]]`` in the accumulation dtype."""
-    return _gather_sum_folding(x, nbr)
+    """``out[r] = sum_k x[nbr[k, r]]`` in the accumulation dtype."""
+    return _gather_sum_folding(x, nbr.T)
 
 
 def gather_max(x, nbr):
     """``(out, argk)``: max over neighbours and the first offset attaining it."""
-    return _gather_max_folding(x, nbr)
+    return _gather_max_folding(x, nbr.T)
 
 
 def gather_max_grad(g, argk, in_nbr):
     """Input gradient of ``gather_max``."""
-    return _gather_max_grad_folding(g, argk, in_nbr)
+    return _gather_max_grad_folding(g, argk, in_nbr.T)

@@ -10,8 +10,8 @@ Written for accelerators, where sorts are costly to compile and scatters seriali
   output sites of an earlier rulebook, ``presorted``) and, for regular and transposed
   convolutions, the sites the inputs reach. Everything else is binary searches, that is
   gathers; no scatter.
-- Index arrays are built offset-leading (``[K, N]``), the layout whose minor dimension
-  is the long one, and transposed once into the rulebook's ``[N, K]``.
+- Neighbour maps are offset-leading (``[K, N]``, see rulebook.py): a TPU pads an
+  array's minor dimension to 128, which ``[N, K]`` would pay 128 / K times over.
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
     columns = site_columns(indices)
     reached, reached_ok = reached_sites(columns, in_grid(columns, batch_size, g.in_shape), g)  # [K, n]
     if g.mode == SUBM:
-        in_nbr = find(table, site_keys(reached, reached_ok, batch_size, g.out_shape), reached_ok, rows).T
-        return indices, in_nbr[:, ::-1], in_nbr, jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
+        in_nbr = find(table, site_keys(reached, reached_ok, batch_size, g.out_shape), reached_ok, rows)
+        return indices, in_nbr[::-1], in_nbr, jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
 
     # Output rows: the distinct reached sites in sorted order, the first out_capacity stored.
     reached_keys = site_keys(reached, reached_ok, batch_size, g.out_shape)
@@ -258,9 +258,9 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
     out_keys = gather_keys(candidates, *nth_starts(first, out_capacity))
     out_columns = key_sites(out_keys, batch_size, g.out_shape)
 
-    in_nbr = find(out_keys, reached_keys, reached_ok).T
+    in_nbr = find(out_keys, reached_keys, reached_ok)
     sources, sources_ok = reached_sites(out_columns, out_columns[0] >= 0, g, forward=False)  # [K, out_capacity]
-    out_nbr = find(table, site_keys(sources, sources_ok, batch_size, g.in_shape), sources_ok, rows).T
+    out_nbr = find(table, site_keys(sources, sources_ok, batch_size, g.in_shape), sources_ok, rows)
     return jnp.stack(out_columns, axis=1), out_nbr, in_nbr, jnp.sum(first, dtype=jnp.int32)
 
 
@@ -279,33 +279,31 @@ def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.where((rows >= 0)[..., None], _take(x, safe), 0)
 
 
-# The loops over kernel offsets read one neighbour column per step from the offset-leading
-# transpose ``nbr.T [K, M]`` (a contiguous row; XLA cancels it against the rulebook
-# builder's own transpose when both are in one program).
+# The loops over kernel offsets read one row of the offset-leading neighbour map per step.
 
-def _offset_rows(by_offset: jax.Array, k) -> jax.Array:
-    return lax.dynamic_index_in_dim(by_offset, k, axis=0, keepdims=False)
+def _offset_rows(nbr: jax.Array, k) -> jax.Array:
+    return lax.dynamic_index_in_dim(nbr, k, axis=0, keepdims=False)
 
 
 @functools.partial(jax.jit, static_argnums=3)
 def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
-    """``out[r] = sum_k x[nbr[r, k]] @ w[k]``: ``x [N, Cin]``, ``w [K, Cin, Cout]``, ``nbr [M, K]``.
+    """``out[r] = sum_k x[nbr[k, r]] @ w[k]``: ``x [N, Cin]``, ``w [K, Cin, Cout]``, ``nbr [K, M]``.
 
     Conv forward (with out_nbr) and its input gradient (with in_nbr and w transposed).
     Returns ``[M, Cout]`` in the accumulation dtype; ``precision`` as in ``jnp.matmul``.
     """
-    acc, by_offset = accumulator(x.dtype), nbr.T
+    acc = accumulator(x.dtype)
 
     def step(k, out):
-        return out + jnp.matmul(_gather_rows(x, _offset_rows(by_offset, k)), w[k], precision=precision,
+        return out + jnp.matmul(_gather_rows(x, _offset_rows(nbr, k)), w[k], precision=precision,
                                 preferred_element_type=acc)
 
-    return lax.fori_loop(0, w.shape[0], step, vary_like(jnp.zeros((nbr.shape[0], w.shape[2]), acc), x, w, nbr))
+    return lax.fori_loop(0, w.shape[0], step, vary_like(jnp.zeros((nbr.shape[1], w.shape[2]), acc), x, w, nbr))
 
 
 @functools.partial(jax.jit, static_argnums=3)
 def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
-    """``dw[k] = sum_r x[nbr[r, k]]^T @ g[r]``: the kernel gradient, ``[K, Cin, Cout]``."""
+    """``dw[k] = sum_r x[nbr[k, r]]^T @ g[r]``: the kernel gradient, ``[K, Cin, Cout]``."""
     acc = accumulator(x.dtype)
 
     # The barrier keeps the gather out of the matmul that contracts the gathered rows: for
@@ -316,18 +314,18 @@ def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array, precision=Non
         return lax.dot_general(gathered, g, (((0,), (0,)), ((), ())), precision=precision,
                                preferred_element_type=acc)
 
-    return lax.map(one_offset, nbr.T)
+    return lax.map(one_offset, nbr)
 
 
 @jax.jit
 def gather_sum(x: jax.Array, nbr: jax.Array) -> jax.Array:
-    """``out[r] = sum_k x[nbr[r, k]]``, ``[M, C]`` in the accumulation dtype."""
-    acc, by_offset = accumulator(x.dtype), nbr.T
+    """``out[r] = sum_k x[nbr[k, r]]``, ``[M, C]`` in the accumulation dtype."""
+    acc = accumulator(x.dtype)
 
     def step(k, out):
-        return out + _gather_rows(x, _offset_rows(by_offset, k)).astype(acc)
+        return out + _gather_rows(x, _offset_rows(nbr, k)).astype(acc)
 
-    return lax.fori_loop(0, nbr.shape[1], step, vary_like(jnp.zeros((nbr.shape[0], x.shape[1]), acc), x, nbr))
+    return lax.fori_loop(0, nbr.shape[0], step, vary_like(jnp.zeros((nbr.shape[1], x.shape[1]), acc), x, nbr))
 
 
 @jax.jit
@@ -336,28 +334,24 @@ def gather_max(x: jax.Array, nbr: jax.Array):
 
     ``argk`` is the first offset attaining the max (``-1`` and ``out = 0`` with no neighbour).
     """
-    by_offset = nbr.T
-
     def step(k, carry):
         best, argk = carry
-        rows = _offset_rows(by_offset, k)
+        rows = _offset_rows(nbr, k)
         value = _gather_rows(x, rows)
         better = (rows >= 0)[:, None] & ((argk < 0) | (value > best))
         return jnp.where(better, value, best), jnp.where(better, k, argk)
 
-    init = (jnp.zeros((nbr.shape[0], x.shape[1]), x.dtype), jnp.full((nbr.shape[0], x.shape[1]), -1, jnp.int32))
-    return lax.fori_loop(0, nbr.shape[1], step, tuple(vary_like(v, x, nbr) for v in init))
+    init = (jnp.zeros((nbr.shape[1], x.shape[1]), x.dtype), jnp.full((nbr.shape[1], x.shape[1]), -1, jnp.int32))
+    return lax.fori_loop(0, nbr.shape[0], step, tuple(vary_like(v, x, nbr) for v in init))
 
 
 @jax.jit
 def gather_max_grad(g: jax.Array, argk: jax.Array, in_nbr: jax.Array) -> jax.Array:
-    """Input gradient of ``gather_max``: ``dx[i] = sum_k g[o] where argk[o] == k, o = in_nbr[i, k]``."""
-    by_offset = in_nbr.T
-
+    """Input gradient of ``gather_max``: ``dx[i] = sum_k g[o] where argk[o] == k, o = in_nbr[k, i]``."""
     def step(k, dx):
-        rows = _offset_rows(by_offset, k)
+        rows = _offset_rows(in_nbr, k)
         won = _gather_rows(argk, rows) == k
         return dx + jnp.where(won & (rows >= 0)[:, None], _gather_rows(g, rows), 0)
 
-    init = vary_like(jnp.zeros((in_nbr.shape[0], g.shape[1]), g.dtype), g, argk, in_nbr)
-    return lax.fori_loop(0, in_nbr.shape[1], step, init)
+    init = vary_like(jnp.zeros((in_nbr.shape[1], g.shape[1]), g.dtype), g, argk, in_nbr)
+    return lax.fori_loop(0, in_nbr.shape[0], step, init)
