@@ -2,7 +2,8 @@
 
     pip install "jax[tpu]==<installed jax version>"   # libtpu: compiles for TPU without one
     python benchmarks/tpu_compile.py                  # 16k and 131k, writes the JSON and the plot
-    python benchmarks/tpu_compile.py --capacities 16384 --only subm regular
+    python benchmarks/tpu_compile.py --capacities 16384 --only subm strided
+    python benchmarks/tpu_compile.py --model-capacities 16384   # MinkUNet at 16k only
 
 Each case is one jitted function of ``ShapeDtypeStruct`` arguments, compiled for a device
 of a TPU v5e:2x2 topology (``jax.experimental.topologies``: a real TPU executable that
@@ -194,6 +195,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capacities", type=int, nargs="+", default=[16384, 131072])
+    parser.add_argument("--model-capacities", type=int, nargs="+", help="MinkUNet's (default: --capacities)")
     parser.add_argument("--only", nargs="+", help="cases whose name starts with one of these")
     parser.add_argument("--topology", default="v5e:2x2")
     parser.add_argument("--json", type=Path, default=OUT / "tpu_compile.json")
@@ -205,7 +207,8 @@ def main(argv=None) -> None:
           f"TPU topology {args.topology} (deviceless)", flush=True)
     rows = []
     for n in args.capacities:
-        for name, (function, specs) in {**op_cases(n), **minkunet_cases(n)}.items():
+        models_here = n in (args.model_capacities or args.capacities)
+        for name, (function, specs) in {**op_cases(n), **(minkunet_cases(n) if models_here else {})}.items():
             if args.only and not any(name.startswith(prefix) for prefix in args.only):
                 continue
             row = {"case": name, "capacity": n, "tpu": measure(function, specs, tpu),
