@@ -75,17 +75,20 @@ class ConvGeometry:
         grids = np.meshgrid(*[np.arange(k) for k in self.kernel_size], indexing="ij")
         return np.stack([g.reshape(-1) for g in grids], axis=1).astype(np.int32)
 
-    def max_outputs_per_input(self) -> int:
-        """How many output sites one input site can reach at most.
+    def reaching_offsets(self) -> tuple[int, ...]:
+        """Per dim, how many kernel offsets of one input site reach an output at most.
 
-        Regular: along each dim the offsets that reach an output are those with
-        ``offset * dilation`` in the input's residue class modulo the stride, every
-        ``stride / gcd(stride, dilation)``-th offset.
+        Regular: those with ``offset * dilation`` in the input's residue class modulo the
+        stride, every ``stride / gcd(stride, dilation)``-th offset. Otherwise all of them.
         """
         if self.mode == REGULAR:
-            return math.prod(-(-k // (s // math.gcd(s, d)))
-                             for k, s, d in zip(self.kernel_size, self.strides, self.dilation))
-        return self.kernel_volume
+            return tuple(-(-k // (s // math.gcd(s, d)))
+                         for k, s, d in zip(self.kernel_size, self.strides, self.dilation))
+        return self.kernel_size
+
+    def max_outputs_per_input(self) -> int:
+        """How many output sites one input site can reach at most."""
+        return math.prod(self.reaching_offsets())
 
     def default_out_capacity(self, in_capacity: int, batch_size: int) -> int:
         """``out_capacity`` when none is given (see ``sparse_conv``).

@@ -195,9 +195,8 @@ def strided_reached_keys(columns: tuple, valid: jax.Array, geometry: ConvGeometr
     (8 of 27 for a 3^3 kernel of stride 2, 1 of 8 for 2^3). Selects only, no scatter."""
     g = geometry
     per_dim = []  # per dim, per slot: (output coordinate, reached) of the slot-th offset that reaches one
-    for d in range(g.ndim):
+    for d, slots in enumerate(g.reaching_offsets()):
         stride, size, dilation = g.strides[d], g.kernel_size[d], g.dilation[d]
-        slots = -(-size // (stride // math.gcd(stride, dilation)))
         found = [(jnp.zeros_like(columns[d + 1]), jnp.zeros(valid.shape, bool)) for _ in range(slots)]
         count = jnp.zeros(valid.shape, jnp.int32)
         for offset in range(size):
@@ -307,8 +306,7 @@ def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array, precision=Non
     acc = accumulator(x.dtype)
 
     # The barrier keeps the gather out of the matmul that contracts the gathered rows: for
-    # TPU that fusion takes seconds to compile per convolution (measured: 2.0 s against
-    # 0.8 s at 16k rows, C = 64).
+    # TPU that fusion compiles about twice as slowly, per convolution (issue 18's note).
     def one_offset(rows):
         gathered = lax.optimization_barrier(_gather_rows(x, rows))
         return lax.dot_general(gathered, g, (((0,), (0,)), ((), ())), precision=precision,
