@@ -1,6 +1,6 @@
 """Compile time and XLA memory of every op and of MinkUNet, for TPU (deviceless) and CPU.
 
-    pip install "jax[tpu]==<installed jax version>"   # libtpu: compiles for TPU without one
+    pip install ".[examples]" "jax[tpu]==<installed jax version>"   # matplotlib; libtpu compiles for TPU
     python benchmarks/tpu_compile.py                  # 16k and 131k, writes the JSON and the plot
     python benchmarks/tpu_compile.py --capacities 16384 --only subm strided
     python benchmarks/tpu_compile.py --model-capacities 16384   # MinkUNet at 16k only
