@@ -51,7 +51,7 @@ def _inside(indices, low, high):
     return np.all((indices[:, 2:] >= low) & (indices[:, 2:] < high), axis=1) & (indices[:, 0] >= 0)
 
 
-@pytest.mark.parametrize("backend", ["xla", "ffi"])
+@pytest.mark.parametrize("backend", [pytest.param("xla", marks=pytest.mark.slow), "ffi"])
 def test_kitti_network_matches_dense_on_crop(scan, backend, rng):
     weights = [jnp.asarray(rng.normal(size=(3, 3, 3, ci, co)) / np.sqrt(27 * ci), jnp.float32)
                for ci, co in zip(CHANNELS, CHANNELS[1:])]

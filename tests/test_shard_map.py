@@ -227,7 +227,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# The xla backend's larger programs compile slowly: on the default run its MinkUNet and NNX cases
+# stand for them (the ops above run on both backends).
+SLOW_ON_XLA = {"linen_layers", "voxel_backbone"}
+
+
+@pytest.mark.parametrize("case,backend", [
+    pytest.param(case, backend, marks=[pytest.mark.slow] if backend == "xla" and case in SLOW_ON_XLA else [])
+    for case in sorted(CASES) for backend in ("ffi", "xla")])
 def test_layers_and_models_match_unsharded(case, backend, mesh, rng):
     """With the default check_vma; without it too on the ffi backend (the xla backend's
     whole networks compile slowly, and check_vma=False adds nothing to what they test)."""

@@ -108,9 +108,9 @@ def test_bfloat16_training_tracks_float32(labeled_scan, tiny_unet):
 
 
 def test_data_parallel_over_four_devices_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # The example sets the simulated device count itself; the environment keeps conftest's XLA_FLAGS.
     result = subprocess.run([sys.executable, str(REPO / "examples" / "data_parallel.py"), "--devices", "4",
                              "--steps", "2", "--voxel-size", "0.6", "--check"],
-                            capture_output=True, text=True, env=env, timeout=900)
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check: 4 devices give the single-device loss" in result.stdout
