@@ -1,37 +1,42 @@
-"""Benchmark: jax_sparseconv (ffi and xla backends) against spconv on real KITTI scans.
+"""Benchmark: jax_sparseconv against spconv on a real KITTI scan, each run the way its users run it.
 
-    python benchmarks/bench_cpu.py [--device cpu|gpu] [--repeats 7] [--batches 1 2] [--out results.json]
+    python benchmarks/bench_cpu.py --out results.json --plot docs/bench_cpu.png   # about 15 minutes
+    python benchmarks/bench_cpu.py --threads 2 --channels 16 64 --no-network      # a quick look
+    python benchmarks/bench_cpu.py --device gpu --out gpu.json                    # on JAX's first GPU
 
-``--device gpu`` runs the same cases, printing the same tables, on JAX's first GPU (the ffi
-backend then runs the CUDA handlers of ``jax_sparseconv._cuda``); spconv runs there too when
-``torch.cuda.is_available()``, and is left out otherwise. ``--precision highest`` keeps float32
-products exact there; by default the xla backend and the CUDA kernels use TF32, as XLA does, and
-so does spconv (``spconv.constants.SPCONV_ALLOW_TF32``, False in spconv itself, is set to match).
-On a GPU the peak-RSS columns of
-the network table stay empty (host memory says little there); XLA's buffer count remains.
+Input: one KITTI scan (``--scans``; ../shared/data/kitti or the folder ``JSC_KITTI_DIR`` names)
+voxelized at 0.05 m over its whole extent, about 80k voxels for 000000.bin.
 
-Inputs: KITTI scans from ../shared/data/kitti (or the folder ``JSC_KITTI_DIR`` names)
-voxelized at 0.05 m over their whole extent (about 80-90k voxels each). Each case reports
-the median of ``--repeats`` timed runs after a warm-up, its ratio to spconv measured in the
-same run, the achieved GFLOP/s (2 x pairs x C_in x C_out / time), and the dense matmul rate
-of XLA for the same ``[pairs, C_in] x [C_in, C_out]`` shape. spconv (``pip install spconv==2.3.8 torch==2.13.0``)
-is optional; it runs forward only, since its CPU build has no backward. Each "fwd+bwd" case
-(the gradient of a sum-of-squares loss in features and kernel) also reports its ratio to the
-forward of the same loss, and the SubM cases time the two backward kernels on their own
-("input grad kernel": the forward kernel along the transposed rulebook; "kernel grad kernel").
+Threads: each ``--threads`` count runs in its own worker process, pinned to that many CPUs
+before JAX and torch start (XLA's CPU thread pool, which our native kernels share, sizes
+itself from the CPUs the process may use). Inside a worker both libraries are timed in turns
+in that one process: the median of ``--repeats`` runs after a warm-up, and every ratio divides
+by spconv's time measured in the same worker.
 
-The network cases run a MinkUNet18-style U-Net (``jax_sparseconv.models.MinkUNet``; its
-spconv twin in ``jax_sparseconv.spconv_reference``): forward in eval mode and a training
-step (forward, backward, Adam update). Peak memory is measured for each network case in a
-fresh subprocess, the same way for both libraries: the rise of the process's peak resident
-set (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model is built and, for
-JAX, compiled ahead of time) during the first call. For JAX the table also gives XLA's own
-count of the buffers of the compiled call (``memory_analysis``), and the compile time.
+spconv (optional: ``pip install ".[compare]"``, spconv 2.3.8 with torch 2.13.0 CPU):
+- runs on 1 thread, its correct configuration: its multi-threaded CPU kernels race. In a
+  worker with more CPUs it also runs on all of them, and that row prints its error.
+- reuses its rulebooks as in a network: the timed SubM layer gets a tensor that carries the
+  rulebook under its ``indice_key`` (the output of an earlier layer with that key), and the
+  inverse conv the strided conv's output. The benchmark counts spconv's rulebook builds during
+  the timed calls and stops if one happens. The strided conv builds its rulebook in every call,
+  in both libraries, as in a network's forward.
+- is checked against ours in the same run: ``error`` is ``max |spconv - ours| / max |ours|``
+  over the active rows (rows matched by site), on the same inputs and weights.
+- has no CPU backward, so the training step is ours alone.
+
+Ours: the ``ffi`` backend (native kernels) and the ``xla`` backend (pure JAX), jitted, on the
+worker's threads. SubM rows also give the achieved GFLOP/s (2 x pairs x C^2 / time) and XLA's
+dense float32 matmul rate for the same ``[pairs, C] x [C, C]`` shape, measured in the same run.
+The network is MinkUNet18 (``jax_sparseconv.models.MinkUNet``, 20 classes; spconv's twin in
+``jax_sparseconv.spconv_reference``): eval forward, and our training step (loss, gradients,
+Adam update), rulebooks built inside each call.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import os
@@ -42,37 +47,32 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+WORKER_CPUS = "JSC_BENCH_CPUS"  # set by the parent: the worker pins itself before importing JAX
+if os.environ.get(WORKER_CPUS):
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:int(os.environ[WORKER_CPUS])])
 
-import jax_sparseconv as jsc
-from jax_sparseconv import models, spconv_reference
-from jax_sparseconv.utils import kitti_tensor
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
-DATA = Path(os.environ.get("JSC_KITTI_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kitti"))
+import jax_sparseconv as jsc  # noqa: E402
+from jax_sparseconv import models, spconv_reference  # noqa: E402
+from jax_sparseconv.utils import kitti_tensor  # noqa: E402
+
 FULL_RANGE = (-80.0, -80.0, -5.0, 80.0, 80.0, 3.0)  # covers every point of the scans
-SCANS = ["000000.bin", "000001.bin"]
+DATA = Path(os.environ.get("JSC_KITTI_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kitti"))
+NUM_CLASSES = 20
 
 try:
     import spconv.pytorch as spconv
     import torch
+    from spconv.pytorch import ops as spconv_ops
 except ImportError:
-    spconv = torch = None
-
-TORCH_DEVICE = "cpu"  # "cuda" for --device gpu; spconv is left out where torch has no GPU
+    spconv = torch = spconv_ops = None
 
 
-def torch_timer(fn):
-    """``fn`` followed by a wait for the GPU, so that timings cover the work."""
-    def run():
-        out = fn()
-        if TORCH_DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-    return run
-
+# ---- timing -------------------------------------------------------------------------------
 
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up (compiles under jit)
@@ -84,155 +84,199 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def jax_timer(fn, *args):
+def jax_call(fn, *args):
     return lambda: jax.block_until_ready(fn(*args))
 
 
-def dense_matmul_rate(rows: int, cin: int, cout: int, repeats: int) -> float:
-    a = jnp.ones((rows, cin), jnp.float32)
-    b = jnp.ones((cin, cout), jnp.float32)
-    t = median_time(jax_timer(jax.jit(jnp.matmul), a, b), repeats)
-    return 2 * rows * cin * cout / t / 1e9
+def dense_matmul_rate(rows: int, channels: int, repeats: int) -> float:
+    a = jnp.ones((rows, channels), jnp.float32)
+    b = jnp.ones((channels, channels), jnp.float32)
+    return 2 * rows * channels**2 / median_time(jax_call(jax.jit(jnp.matmul), a, b), repeats) / 1e9
+
+
+# ---- spconv, as its users run it -----------------------------------------------------------
+
+class RulebookBuilds:
+    """Counts spconv's rulebook constructions (``ops.get_indice_pairs*``) while active."""
+
+    NAMES = ("get_indice_pairs", "get_indice_pairs_implicit_gemm")
+
+    def __init__(self):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(spconv_ops, name)
+
+            def counted(*args, _original=original, **kwargs):
+                self.count += 1
+                return _original(*args, **kwargs)
+            setattr(spconv_ops, name, counted)
 
 
 class Spconv:
-    """The same cases in spconv (forward only)."""
+    """spconv runs of the benchmark's cases on ``threads`` torch threads."""
 
-    def __init__(self, x: jsc.SparseConvTensor):
-        torch.set_num_threads(2)
+    def __init__(self, x: jsc.SparseConvTensor, device: str, builds: RulebookBuilds):
         base = spconv_reference.to_spconv(x)
-        self.indices, self.shape, self.batch = base.indices.to(TORCH_DEVICE), base.spatial_shape, base.batch_size
+        self.x, self.device, self.builds = x, device, builds
+        self.indices, self.shape, self.batch = base.indices.to(device), base.spatial_shape, base.batch_size
 
-    def tensor(self, channels):
-        feats = torch.randn(self.indices.shape[0], channels, device=TORCH_DEVICE)
-        return spconv.SparseConvTensor(feats, self.indices, self.shape, self.batch)
+    def tensor(self, features: np.ndarray, like=None):
+        """A spconv tensor of the active rows' ``features``; with ``like``, one that carries its rulebooks."""
+        f = torch.from_numpy(np.asarray(features)[np.asarray(self.x.active)]).to(self.device)
+        if like is not None:
+            return like.replace_feature(f)
+        return spconv.SparseConvTensor(f, self.indices, self.shape, self.batch)
 
-    def rulebook(self):
-        from spconv.core import ConvAlgo
-        from spconv.pytorch import ops
-        return torch_timer(lambda: ops.get_indice_pairs(self.indices, self.batch, self.shape, ConvAlgo.Native,
-                                                         [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0],
-                                                         subm=True))
+    def timed(self, call, repeats: int, threads: int, *, reuses_rulebook: bool):
+        """``(median seconds, last output)`` of ``call()`` on ``threads`` threads, without autograd."""
+        torch.set_num_threads(threads)
+        outputs = []
 
-    def layer(self, layer, x):
-        layer.to(TORCH_DEVICE).eval()
-        with torch.no_grad():
-            layer(x)  # builds and caches the rulebook under its indice_key
         def run():
             with torch.no_grad():
-                return layer(x)
-        return torch_timer(run)
+                out = call()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            outputs[:] = [out]
+
+        before = self.builds.count
+        seconds = median_time(run, repeats)
+        if reuses_rulebook and self.builds.count != before:
+            raise RuntimeError(f"spconv rebuilt its rulebook {self.builds.count - before} times in a timed call "
+                               "that should reuse it")
+        return seconds, outputs[0]
+
+    def rulebook_call(self):
+        from spconv.core import ConvAlgo
+        return lambda: spconv_ops.get_indice_pairs(self.indices, self.batch, self.shape, ConvAlgo.Native,
+                                                   [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 0], subm=True)
+
+    def load(self, layer, kernel):
+        """``layer`` with our ``[*k, C_in, C_out]`` kernel as its ``[C_out, *k, C_in]`` weight."""
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(np.moveaxis(np.asarray(kernel), -1, 0).copy()))
+        return layer.to(self.device).eval()
 
 
-def run_cases(x: jsc.SparseConvTensor, repeats: int) -> list[dict]:
-    rows = []
-    backends = ["ffi", "xla"]
-    ref = Spconv(x) if spconv is not None else None
+def by_site(indices: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Rows ordered by their site, so that two libraries' outputs compare row by row."""
+    return features[np.lexsort(indices.T[::-1])]
+
+
+def error(spconv_out, ours: jsc.SparseConvTensor) -> float:
+    """``max |spconv - ours| / max |ours|`` over the active rows, matched by site."""
+    active = np.asarray(ours.active)
+    reference = by_site(np.asarray(ours.indices)[active], np.asarray(ours.features)[active])
+    theirs = by_site(spconv_out.indices.cpu().numpy(), spconv_out.features.cpu().numpy())
+    if theirs.shape != reference.shape:
+        return float("inf")
+    return float(np.max(np.abs(theirs - reference)) / np.max(np.abs(reference)))
+
+
+# ---- the cases ----------------------------------------------------------------------------
+
+def op_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_threads: list[int], record) -> None:
     key = jax.random.key(0)
 
-    def record(case, impl, seconds, flops=None, dense=None, **extra):
-        rows.append(dict(case=case, batch=x.batch_size, impl=impl, ms=seconds * 1e3,
-                         gflops=None if flops is None else flops / seconds / 1e9, dense_gflops=dense, **extra))
+    def ours(case, fn, *inputs, flops=None, dense=None):
+        """Times ``fn`` on each backend; returns the ffi output."""
+        out = None
+        for backend in args.backends:
+            call = jax.jit(lambda *a, b=backend: fn(*a, backend=b))
+            record(case, backend, median_time(jax_call(call, *inputs), args.repeats), flops=flops, dense=dense)
+            out = call(*inputs) if backend == "ffi" or out is None else out
+        return out
 
-    def record_fwd_bwd(case, impl, loss, features, kernel, flops, dense=None):
-        """The gradient of ``loss`` in features and kernel, with its ratio to the forward
-        (value) of the same ``loss``: both include the same feature replacement and loss."""
-        forward = median_time(jax_timer(jax.jit(loss), features, kernel), repeats)
-        both = median_time(jax_timer(jax.jit(jax.grad(loss, argnums=(0, 1))), features, kernel), repeats)
-        record(f"{case} fwd+bwd", impl, both, 3 * flops, dense, over_forward=both / forward)
+    def theirs(case, call, ours_out, reuses_rulebook, flops=None):
+        for threads in spconv_threads:
+            seconds, out = ref.timed(call, args.repeats, threads, reuses_rulebook=reuses_rulebook)
+            record(case, "spconv", seconds, threads=threads, flops=flops,
+                   error=None if ours_out is None else error(out, ours_out))
 
-    # Rulebook construction (3x3x3 submanifold).
-    for backend in backends:
-        build = jax.jit(lambda idx, b=backend: jsc.rulebook.build_rulebook(
-            idx, jsc.make_geometry("subm", x.spatial_shape, 3), x.batch_size, x.capacity, jsc.backends.get(b)))
-        record("rulebook subm 3^3", backend, median_time(jax_timer(build, x.indices), repeats))
+    case = "rulebook SubM 3^3"
+    geometry = jsc.make_geometry("subm", x.spatial_shape, 3)
+    ours(case, lambda idx, backend: jsc.rulebook.build_rulebook(idx, geometry, x.batch_size, x.capacity,
+                                                                 jsc.backends.get(backend)), x.indices)
     if ref:
-        record("rulebook subm 3^3", "spconv", median_time(ref.rulebook(), repeats))
+        theirs(case, ref.rulebook_call(), None, reuses_rulebook=False)
 
-    cached = jsc.sparse_conv(x, jnp.zeros((3, 3, 3, x.num_channels, 1)), subm=True, indice_key="subm")
-    pairs = int(jnp.sum(cached.indice_dict["subm"].out_nbr >= 0))
-
-    # Submanifold 3x3x3 with a cached rulebook.
-    for c in (16, 32, 64, 128):
-        t = cached.replace_feature(jax.random.normal(key, (x.capacity, c)))
+    seed = jsc.sparse_conv(x, jnp.zeros((3, 3, 3, x.num_channels, 1)), subm=True, indice_key="subm")
+    pairs = int(jnp.sum(seed.indice_dict["subm"].out_nbr >= 0))
+    spconv_seed = None
+    if ref:  # an earlier SubM layer's output: it carries the rulebook under "subm"
+        first = spconv.SubMConv3d(x.num_channels, 1, 3, bias=False, indice_key="subm").to(ref.device)
+        with torch.no_grad():
+            spconv_seed = first(ref.tensor(x.features))
+    for c in args.channels:
+        case = f"SubMConv3d 3^3 C={c}"
+        t = seed.replace_feature(jax.random.normal(key, (x.capacity, c)))
         w = jax.random.normal(key, (3, 3, 3, c, c)) / np.sqrt(27 * c)
-        flops, dense = 2 * pairs * c * c, dense_matmul_rate(pairs, c, c, repeats)
-        rulebook, g = cached.indice_dict["subm"], jax.random.normal(key, (x.capacity, c))
-        for backend in backends:
-            fwd = jax.jit(lambda t, w, b=backend: jsc.sparse_conv(t, w, subm=True, indice_key="subm", backend=b).features)
-            loss = lambda f, w, b=backend: jnp.sum(jsc.sparse_conv(  # noqa: E731
-                t.replace_feature(f), w, subm=True, indice_key="subm", backend=b).features ** 2)
-            record(f"SubMConv3d 3^3 C={c}", backend, median_time(jax_timer(fwd, t, w), repeats), flops, dense)
-            record_fwd_bwd(f"SubMConv3d 3^3 C={c}", backend, loss, t.features, w, flops, dense)
-            # The two backward kernels alone: the input gradient gathers along the transposed rulebook.
-            impl, k = jsc.backends.get(backend), w.reshape(27, c, c)
-            input_grad = jax.jit(lambda g, k, impl=impl: impl.gather_matmul(g, jnp.swapaxes(k, 1, 2), rulebook.in_nbr))
-            kernel_grad = jax.jit(lambda f, g, impl=impl: impl.gather_matmul_grad(f, g, rulebook.out_nbr))
-            record(f"SubMConv3d 3^3 C={c} input grad kernel", backend,
-                   median_time(jax_timer(input_grad, g, k), repeats), flops, dense)
-            record(f"SubMConv3d 3^3 C={c} kernel grad kernel", backend,
-                   median_time(jax_timer(kernel_grad, t.features, g), repeats), flops, dense)
+        flops = 2 * pairs * c * c
+        out = ours(case, lambda t, w, backend: jsc.sparse_conv(t, w, subm=True, indice_key="subm", backend=backend),
+                   t, w, flops=flops, dense=dense_matmul_rate(pairs, c, args.repeats))
         if ref:
-            layer = spconv.SubMConv3d(c, c, 3, bias=False, indice_key="subm")
-            record(f"SubMConv3d 3^3 C={c}", "spconv", median_time(ref.layer(layer, ref.tensor(c)), repeats),
-                   flops, dense)
+            layer = ref.load(spconv.SubMConv3d(c, c, 3, bias=False, indice_key="subm"), w)
+            st = ref.tensor(t.features, like=spconv_seed)
+            theirs(case, lambda: layer(st), out, reuses_rulebook=True, flops=flops)
 
-    # Strided 3x3x3 stride 2 (rulebook included), then the inverse conv back.
     cin, cout = 32, 64
     t = x.replace_feature(jax.random.normal(key, (x.capacity, cin)))
     w_down = jax.random.normal(key, (3, 3, 3, cin, cout)) / np.sqrt(27 * cin)
     w_up = jax.random.normal(key, (3, 3, 3, cout, cin)) / np.sqrt(27 * cout)
-    for backend in backends:
-        down = jax.jit(lambda t, w, b=backend: jsc.sparse_conv(t, w, strides=2, padding=1, indice_key="down",
-                                                               out_capacity=2 * t.capacity, backend=b))
-        y = down(t, w_down)
-        jsc.check_overflow(y)
-        down_pairs = int(jnp.sum(y.indice_dict["down"].out_nbr >= 0))
-        record(f"SparseConv3d 3^3 s2 {cin}->{cout}", backend,
-               median_time(jax_timer(lambda *a: down(*a).features, t, w_down), repeats), 2 * down_pairs * cin * cout)
-        down_loss = lambda f, w, b=backend: jnp.sum(down(t.replace_feature(f), w).features ** 2)  # noqa: E731
-        record_fwd_bwd(f"SparseConv3d 3^3 s2 {cin}->{cout}", backend, down_loss, t.features, w_down,
-                       2 * down_pairs * cin * cout)
-        up = jax.jit(lambda y, w, b=backend: jsc.sparse_conv(y, w, inverse=True, indice_key="down", backend=b).features)
-        record(f"SparseInverseConv3d 3^3 {cout}->{cin}", backend, median_time(jax_timer(up, y, w_up), repeats),
-               2 * down_pairs * cin * cout)
-        up_loss = lambda f, w, b=backend: jnp.sum(up(y.replace_feature(f), w) ** 2)  # noqa: E731
-        record_fwd_bwd(f"SparseInverseConv3d 3^3 {cout}->{cin}", backend, up_loss, y.features, w_up,
-                       2 * down_pairs * cin * cout)
+
+    def down(t, w, backend):
+        return jsc.sparse_conv(t, w, strides=2, padding=1, indice_key="down", out_capacity=2 * t.capacity,
+                               backend=backend)
+    case = f"SparseConv3d 3^3 s2 {cin}->{cout}"
+    y = ours(case, down, t, w_down)
+    jsc.check_overflow(y)
+    case_up = f"SparseInverseConv3d 3^3 {cout}->{cin}"
+    up_out = ours(case_up, lambda y, w, backend: jsc.sparse_conv(y, w, inverse=True, indice_key="down",
+                                                                 backend=backend), y, w_up)
     if ref:
-        st = ref.tensor(cin)
-        layer = spconv.SparseConv3d(cin, cout, 3, 2, 1, bias=False, indice_key="down")
-        layer.to(TORCH_DEVICE).eval()
-
-        def down_run():
-            with torch.no_grad():
-                return layer(spconv.SparseConvTensor(st.features, st.indices, st.spatial_shape, st.batch_size))
-        record(f"SparseConv3d 3^3 s2 {cin}->{cout}", "spconv", median_time(torch_timer(down_run), repeats))
+        down_layer = ref.load(spconv.SparseConv3d(cin, cout, 3, 2, 1, bias=False, indice_key="down"), w_down)
+        st = ref.tensor(t.features)
+        theirs(case, lambda: down_layer(st), y, reuses_rulebook=False)  # st's rulebooks stay empty: it builds
+        torch.set_num_threads(1)
         with torch.no_grad():
-            sy = down_run()
-        inverse = spconv.SparseInverseConv3d(cout, cin, 3, indice_key="down", bias=False)
-        record(f"SparseInverseConv3d 3^3 {cout}->{cin}", "spconv", median_time(ref.layer(inverse, sy), repeats))
-    return rows
+            sy = down_layer(st)  # carries the "down" rulebook
+        # Our strided output's features in spconv's row order (its rows are in first-seen order).
+        active = np.asarray(y.active)
+        ours_sites, ours_rows = np.asarray(y.indices)[active], np.asarray(y.features)[active]
+        aligned = np.empty_like(ours_rows)
+        aligned[np.lexsort(sy.indices.cpu().numpy().T[::-1])] = ours_rows[np.lexsort(ours_sites.T[::-1])]
+        sy = sy.replace_feature(torch.from_numpy(aligned).to(ref.device))
+        up_layer = ref.load(spconv.SparseInverseConv3d(cout, cin, 3, bias=False, indice_key="down"), w_up)
+        theirs(case_up, lambda: up_layer(sy), up_out, reuses_rulebook=True)
 
 
-# ---- a whole network -----------------------------------------------------------------------
-
-NUM_CLASSES = 20
-
-
-def network_inputs(batch: int) -> tuple[jsc.SparseConvTensor, jax.Array]:
-    x = kitti_tensor([DATA / name for name in SCANS[:batch]], 0.05, FULL_RANGE)
+def network_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_threads: list[int], record) -> None:
     labels = jax.random.randint(jax.random.key(1), (x.capacity,), 0, NUM_CLASSES)
-    return x, labels
+    torch_model = None
+    if ref:  # random weights and statistics, ours converted from them, so the outputs compare
+        torch_model = spconv_reference.randomize(spconv_reference.mink_unet(x.num_channels, NUM_CLASSES), seed=0)
+    for backend in args.network_backends:
+        model = models.MinkUNet(NUM_CLASSES, backend=backend)
+        variables = jax.jit(model.init)(jax.random.key(0), x)
+        if torch_model is not None:
+            variables = jsc.convert.from_spconv(torch_model.state_dict(), variables)
+        forward = jax.jit(lambda variables, x: model.apply(variables, x))
+        record("MinkUNet18 forward", backend, median_time(jax_call(forward, variables, x), args.network_repeats))
+        if backend == "ffi":
+            ours_out = forward(variables, x)
+        step = training_step(model)
+        params = variables["params"]
+        inputs = (params, variables["batch_stats"], optax.adam(1e-3).init(params), x, labels)
+        record("MinkUNet18 train step", backend, median_time(jax_call(step, *inputs), args.network_repeats))
+    if ref:
+        torch_model.to(ref.device).eval()
+        st = ref.tensor(x.features)
+        for threads in spconv_threads:
+            seconds, out = ref.timed(lambda: torch_model(st), args.network_repeats, threads, reuses_rulebook=False)
+            record("MinkUNet18 forward", "spconv", seconds, threads=threads, error=error(out, ours_out))
 
 
-def jax_network_call(kind: str, backend: str, x, labels):
-    """``(compiled call, its arguments)`` of the MinkUNet forward or training step."""
-    model = models.MinkUNet(NUM_CLASSES, backend=backend)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
-    if kind == "forward":
-        fn = jax.jit(lambda variables, x: model.apply(variables, x).features)
-        return fn, (variables, x)
+def training_step(model):
     optimizer = optax.adam(1e-3)
 
     def loss_fn(params, batch_stats, x, labels):
@@ -241,176 +285,227 @@ def jax_network_call(kind: str, backend: str, x, labels):
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.features, labels)
         return jnp.sum(jnp.where(x.active, losses, 0)) / jnp.sum(x.active), updates["batch_stats"]
 
-    def step(params, batch_stats, opt_state, x, labels):  # the scan is an argument, as in a training loop
+    def step(params, batch_stats, opt_state, x, labels):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, labels)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-    params = variables["params"]
-    return jax.jit(step), (params, variables["batch_stats"], optimizer.init(params), x, labels)
+    return jax.jit(step)
 
 
-def spconv_network_call(x):
-    torch.set_num_threads(2)
-    model = spconv_reference.mink_unet(x.num_channels, NUM_CLASSES).to(TORCH_DEVICE).eval()
-    t = spconv_reference.to_spconv(x)
-    tensor = spconv.SparseConvTensor(t.features.to(TORCH_DEVICE), t.indices.to(TORCH_DEVICE), t.spatial_shape,
-                                     t.batch_size)
-
-    def forward():
-        with torch.no_grad():
-            return model(tensor).features
-    return torch_timer(forward)
-
-
-def _reset_peak_rss() -> int:
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss_kib("VmRSS")
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def memory_probe(impl: str, kind: str, batch: int) -> dict:
-    """Peak RSS rise (MiB) of one call, measured in this (fresh) process."""
-    x, labels = network_inputs(batch)
-    if impl == "spconv":
-        call = spconv_network_call(x)
-        extra = {}
-    else:
-        fn, args = jax_network_call(kind, impl, x, labels)
-        start = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        analysis = compiled.memory_analysis()
-        extra = dict(compile_s=time.perf_counter() - start,
-                     xla_buffers_mib=(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-                                      + analysis.output_size_in_bytes) / 2**20)
-        call = lambda: compiled(*args)  # noqa: E731
-    baseline = _reset_peak_rss()
-    jax.block_until_ready(call())
-    return dict(peak_rss_rise_mib=(_rss_kib("VmHWM") - baseline) / 1024, **extra)
-
-
-def run_network_cases(batch: int, repeats: int, with_xla: bool, device: str) -> list[dict]:
+def worker(args) -> list[dict]:
+    """The cases on this process's threads (all its CPUs), as JSON-ready rows."""
+    device = jax.devices(args.device)[0]
+    jax.config.update("jax_default_device", device)
+    threads = len(os.sched_getaffinity(0)) if args.device == "cpu" else None
+    x = kitti_tensor([DATA / name for name in args.scans], 0.05, FULL_RANGE)
+    voxels = int(x.num_active)
+    print(f"worker: {threads or 'GPU'} threads, {voxels} voxels, capacity {x.capacity}", file=sys.stderr)
     rows = []
-    x, labels = network_inputs(batch)
-    impls = ["ffi"] + (["xla"] if with_xla else []) + (["spconv"] if spconv is not None else [])
-    for kind in ("forward", "train step"):
-        for impl in impls:
-            if impl == "spconv" and kind != "forward":
-                continue  # spconv's CPU build has no backward
-            if impl == "spconv":
-                call = spconv_network_call(x)
-            else:
-                fn, args = jax_network_call(kind, impl, x, labels)
-                call = jax_timer(fn, *args)
-            memory = {}
-            if device == "cpu":
-                probe = subprocess.run([sys.executable, __file__, "--memory-probe", impl, kind, str(batch)],
-                                       capture_output=True, text=True, check=True)
-                memory = json.loads(probe.stdout.strip().splitlines()[-1])
-            rows.append(dict(case=f"MinkUNet18 {kind}", batch=batch, impl=impl,
-                             ms=median_time(call, repeats) * 1e3, gflops=None, dense_gflops=None, **memory))
+
+    def record(case, impl, seconds, threads=threads, flops=None, dense=None, error=None):
+        rows.append(dict(case=case, impl=impl, threads=threads, voxels=voxels, ms=seconds * 1e3,
+                         gflops=None if flops is None else flops / seconds / 1e9, dense_gflops=dense, error=error))
+        print(f"  {case:32s} {impl:7s} {str(threads):>4s} threads {seconds * 1e3:9.1f} ms"
+              + ("" if error is None else f"   error {error:.1e}"), file=sys.stderr)
+
+    ref, spconv_threads = None, []
+    if spconv is not None and (args.device == "cpu" or torch.cuda.is_available()):
+        ref = Spconv(x, "cpu" if args.device == "cpu" else "cuda", RulebookBuilds())
+        spconv_threads = sorted({1, threads}) if threads else [1]
+    op_cases(x, args, ref, spconv_threads, record)
+    if args.network:
+        network_cases(x, args, ref, spconv_threads, record)
     return rows
 
 
+# ---- the report ---------------------------------------------------------------------------
+
 def add_ratios(rows: list[dict]) -> None:
-    spconv_ms = {(r["case"], r["batch"]): r["ms"] for r in rows if r["impl"] == "spconv"}
-    ffi_ms = {(r["case"], r["batch"]): r["ms"] for r in rows if r["impl"] == "ffi"}
+    """``vs_spconv_1t``: time over spconv's 1-thread time for the case in the same worker."""
+    base = {(r["worker"], r["case"]): r["ms"] for r in rows if r["impl"] == "spconv" and r["threads"] in (1, None)}
     for r in rows:
-        base = spconv_ms.get((r["case"], r["batch"]))
-        r["vs_spconv"] = None if base is None else r["ms"] / base
-        r["xla_over_ffi"] = r["ms"] / ffi_ms[(r["case"], r["batch"])] if r["impl"] == "xla" else None
+        b = base.get((r["worker"], r["case"]))
+        r["vs_spconv_1t"] = None if b is None else r["ms"] / b
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per case and batch: the three implementations side by side."""
-    by_impl = {(r["case"], r["batch"], r["impl"]): r for r in rows}
-    cases = list(dict.fromkeys((r["case"], r["batch"]) for r in rows))
+    """One line per case; per worker (thread count): our backends, spconv on 1 thread and our
+    ffi time over it, spconv on the worker's threads with its error; GFLOP/s of the last worker."""
     num = lambda v, digits=1: "" if v is None else f"{v:.{digits}f}"  # noqa: E731
-    lines = ["| case | B | ffi ms | xla ms | spconv ms | ffi / spconv | xla / ffi | ffi fwd+bwd / its fwd "
-             "| ffi GFLOP/s | XLA dense matmul GFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for case, batch in cases:
-        ffi, xla, ref = (by_impl.get((case, batch, impl)) for impl in ("ffi", "xla", "spconv"))
-        lines.append(f"| {case} | {batch} | {num(ffi['ms'])} | {num(xla['ms'])} | {num(ref and ref['ms'])} | "
-                     f"{num(ffi['vs_spconv'], 2)} | {num(xla['xla_over_ffi'])} | {num(ffi.get('over_forward'), 2)} | "
-                     f"{num(ffi['gflops'])} | {num(ffi['dense_gflops'])} |")
+    workers = list(dict.fromkeys(r["worker"] for r in rows))
+    last = workers[-1]
+    by = {(r["case"], r["worker"], r["impl"], r["threads"]): r for r in rows}
+    backends = [impl for impl in ("ffi", "xla") if any(r["impl"] == impl for r in rows)]
+    header = ["case"]
+    for w in workers:
+        t = w or "GPU"
+        header += [f"{impl} {t}t ms" for impl in backends] + [f"spconv 1t ms ({t}t run)", f"ffi {t}t / spconv 1t"]
+        if w not in (1, None):
+            header.append(f"spconv {t}t ms (error)")
+    header += [f"ffi {last or 'GPU'}t GFLOP/s (dense matmul)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        cells = [case]
+        for w in workers:
+            ours = {impl: by.get((case, w, impl, w)) for impl in backends}
+            ref = by.get((case, w, "spconv", 1))
+            cells += [num(o and o["ms"]) for o in ours.values()] + [num(ref and ref["ms"])]
+            cells.append(num(ours["ffi"] and ours["ffi"]["vs_spconv_1t"], 2) if "ffi" in ours else "")
+            if w not in (1, None):
+                many = by.get((case, w, "spconv", w))
+                cells.append("" if many is None else f"{many['ms']:.1f} ({many['error']:.2f})"
+                             if many["error"] is not None else f"{many['ms']:.1f}")
+        ffi = by.get((case, last, "ffi", last))
+        cells.append("" if ffi is None or ffi["gflops"] is None else
+                     f"{ffi['gflops']:.0f} ({ffi['dense_gflops']:.0f})")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def network_table(rows: list[dict]) -> str:
-    by_impl = {(r["case"], r["batch"], r["impl"]): r for r in rows}
-    cases = list(dict.fromkeys((r["case"], r["batch"]) for r in rows if r["case"].startswith("MinkUNet")))
-    num = lambda v, digits=0: "" if v is None else f"{v:.{digits}f}"  # noqa: E731
-    lines = ["| case | B | ffi ms | xla ms | spconv ms | ffi / spconv | peak RSS rise MiB: ffi / xla / spconv "
-             "| XLA buffers MiB: ffi / xla | compile s: ffi / xla |", "|---|---|---|---|---|---|---|---|---|"]
-    for case, batch in cases:
-        ffi, xla, ref = (by_impl.get((case, batch, impl), {}) for impl in ("ffi", "xla", "spconv"))
-        lines.append(
-            f"| {case} | {batch} | {num(ffi.get('ms'))} | {num(xla.get('ms'))} | {num(ref.get('ms'))} | "
-            f"{num(ffi.get('vs_spconv'), 2)} | {num(ffi.get('peak_rss_rise_mib'))} / "
-            f"{num(xla.get('peak_rss_rise_mib'))} / {num(ref.get('peak_rss_rise_mib'))} | "
-            f"{num(ffi.get('xla_buffers_mib'))} / {num(xla.get('xla_buffers_mib'))} | "
-            f"{num(ffi.get('compile_s'), 1)} / {num(xla.get('compile_s'), 1)} |")
-    return "\n".join(lines)
+STYLE = {"ffi": ("C0", "ours (ffi)"), "xla": ("C2", "ours (xla)"), "spconv": ("C1", "spconv 2.3.8")}
+
+
+def plot(rows: list[dict], machine: dict, path: Path) -> None:
+    """SubM time against channels (left) and the other cases (right), per library and thread count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last_worker = max(r["worker"] or 0 for r in rows)
+    # spconv on 1 thread ran in every worker: show the run beside our largest thread count.
+    shown = [r for r in rows if not (r["impl"] == "spconv" and r["threads"] == 1 and (r["worker"] or 0) != last_worker)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=[1, 1.4]))
+    series: dict[tuple, list] = {}
+    for r in shown:
+        if r["case"].startswith("SubMConv3d"):
+            series.setdefault((r["impl"], r["threads"]), []).append((int(r["case"].split("C=")[1]), r["ms"], r["error"]))
+    for (impl, threads), points in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        color, name = STYLE[impl]
+        label = f"{name}, {threads or 'GPU'} thread{'s' * (threads != 1)}"
+        errors = [e for _, _, e in points if e is not None]
+        if impl == "spconv" and threads not in (1, None) and errors:
+            label += f" (wrong: error up to {max(errors):.2f})"
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color,
+                  **_line_style(impl, threads, last_worker), label=label)
+    left.set(xscale="log", yscale="log", xlabel="channels C (C -> C)", ylabel="ms (median)",
+             title="SubMConv3d 3x3x3 forward, rulebook reused")
+    left.set_xticks(sorted({p[0] for pts in series.values() for p in pts}))
+    left.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+
+    cases = list(dict.fromkeys(r["case"] for r in shown if not r["case"].startswith("SubMConv3d")))
+    bars = list(dict.fromkeys((r["impl"], r["threads"]) for r in shown if r["case"] in cases))
+    bars.sort(key=lambda b: (list(STYLE).index(b[0]), b[1] or 0))
+    ms = {(r["case"], r["impl"], r["threads"]): r["ms"] for r in shown}
+    height = 0.8 / len(bars)
+    for j, (impl, threads) in enumerate(bars):
+        color, name = STYLE[impl]
+        ys = [i + j * height for i, case in enumerate(cases) if (case, impl, threads) in ms]
+        values = [ms[case, impl, threads] for case in cases if (case, impl, threads) in ms]
+        style = _line_style(impl, threads, last_worker)
+        right.barh(ys, values, height, color=color, alpha=style["alpha"],
+                   hatch="//" if style["linestyle"] == ":" else None,
+                   label=f"{name}, {threads or 'GPU'} thread{'s' * (threads != 1)}")
+        for yy, v in zip(ys, values):
+            right.text(v, yy, f" {v:.0f}", va="center", fontsize=7)
+    right.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases, fontsize=8)
+    right.invert_yaxis()
+    right.set(xscale="log", xlabel="ms (median)", title="rulebook, strided and inverse convs, MinkUNet18")
+    right.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    right.set_xlim(right=3 * max(ms.values()))  # room for the labels
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+    voxels = rows[0]["voxels"]
+    fig.suptitle(f"KITTI scan, {voxels} voxels at 0.05 m; {machine['cpu_model']} ({machine['isa']}), "
+                 f"{machine['cpus']} CPUs; jax {machine['jax']}, spconv {machine['spconv']} (torch {machine['torch']})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _line_style(impl: str, threads, last_worker) -> dict:
+    """Solid: the configurations compared (ours on the most threads, spconv on 1); dashed: ours on
+    fewer threads; dotted and faded: spconv on several threads (its results are wrong)."""
+    if impl == "spconv":
+        return dict(linestyle="-", alpha=1.0) if threads in (1, None) else dict(linestyle=":", alpha=0.5)
+    return dict(linestyle="-", alpha=1.0) if threads in (last_worker, None) else dict(linestyle="--", alpha=0.6)
+
+
+def cpu_description() -> tuple[str, str]:
+    """``(model name, widest x86 vector ISA)`` from /proc/cpuinfo (empty strings elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = next((name for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx")) if flag in flags),
+               "")
+    return model, isa
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="where JAX (and spconv, if torch sees a GPU) runs the cases")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="CPU thread counts, one worker process each (ignored with --device gpu)")
+    parser.add_argument("--scans", nargs="+", default=["000000.bin"], help="KITTI scans, one batch item each")
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128], help="SubM widths")
+    parser.add_argument("--backends", nargs="+", choices=["ffi", "xla"], default=["ffi", "xla"],
+                        help="our backends in the single-op cases")
+    parser.add_argument("--network-backends", nargs="+", choices=["ffi", "xla"], default=["ffi"],
+                        help="our backends in the MinkUNet cases (xla: minutes per case)")
+    parser.add_argument("--no-network", dest="network", action="store_false", help="skip the MinkUNet cases")
     parser.add_argument("--precision", choices=["default", "highest"], default="default",
                         help="jax_default_matmul_precision for float32: on a GPU, 'default' lets the xla "
-                             "backend and the CUDA kernels use TF32; no effect on the CPU kernels")
+                             "backend and the CUDA kernels use TF32 (spconv then too); no effect on the CPU kernels")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--network-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--network-repeats", type=int, default=3, help="timed runs of the network cases")
-    parser.add_argument("--no-xla-network", action="store_true",
-                        help="skip the xla backend in the network cases (minutes per call)")
-    parser.add_argument("--cases", choices=["all", "ops", "networks"], default="all",
-                        help="single ops, the MinkUNet network cases, or both")
-    parser.add_argument("--memory-probe", nargs=3, metavar=("IMPL", "KIND", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--plot", type=Path, default=None, help="write the picture (PNG) here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_probe:
-        impl, kind, batch = args.memory_probe
-        print(json.dumps(memory_probe(impl, kind, int(batch))))
+    jax.config.update("jax_default_matmul_precision", None if args.precision == "default" else "highest")
+    if spconv is not None and args.device == "gpu":  # its float32 products as ours
+        importlib.import_module("spconv.constants").SPCONV_ALLOW_TF32 = args.precision == "default"
+    if args.worker:
+        print(json.dumps(worker(args)))
         return
 
-    global spconv, TORCH_DEVICE
-    jax.config.update("jax_default_device", jax.devices(args.device)[0])
-    jax.config.update("jax_default_matmul_precision", None if args.precision == "default" else "highest")
-    if args.device == "gpu":
-        TORCH_DEVICE = "cuda"
-        if spconv is not None and not torch.cuda.is_available():
-            print("spconv left out: torch sees no GPU (torch.cuda.is_available() is False)")
-            spconv = None
-        if spconv is not None:  # its float32 products as ours: TF32 unless --precision highest
-            importlib.import_module("spconv.constants").SPCONV_ALLOW_TF32 = args.precision == "default"
-    machine = dict(device=str(jax.devices(args.device)[0]), precision=args.precision, platform=platform.platform(),
-                   processor=platform.processor(), cpus=os.cpu_count(),
-                   jax=jax.__version__, spconv=None if spconv is None else importlib.metadata.version("spconv"),
+    available = len(os.sched_getaffinity(0))
+    if args.device == "cpu" and max(args.threads) > available:
+        parser.error(f"--threads {max(args.threads)}: this process may use only {available} CPUs")
+    rows = []
+    for threads in args.threads if args.device == "cpu" else [None]:
+        env = dict(os.environ)
+        if threads:
+            env.update({WORKER_CPUS: str(threads), "JAX_PLATFORMS": "cpu"})
+        done = subprocess.run([sys.executable, __file__, "--worker", *sys.argv[1:]], env=env, check=True,
+                              stdout=subprocess.PIPE, text=True)
+        worker_rows = json.loads(done.stdout.strip().splitlines()[-1])
+        for r in worker_rows:
+            r["worker"] = threads
+        rows += worker_rows
+    add_ratios(rows)
+    cpu_model, isa = cpu_description()
+    machine = dict(device=args.device, precision=args.precision, platform=platform.platform(),
+                   cpu_model=cpu_model, isa=isa, cpus=available, python=platform.python_version(),
+                   jax=jax.__version__, spconv=None if spconv is None else spconv_version(),
                    torch=None if torch is None else torch.__version__, build=jsc.build_info())
     print(machine)
-    rows = []
-    for batch in args.batches:
-        x = kitti_tensor([DATA / name for name in SCANS[:batch]], 0.05, FULL_RANGE)
-        print(f"batch {batch}: {int(x.num_active)} voxels, capacity {x.capacity}, grid {x.spatial_shape}")
-        if args.cases in ("all", "ops"):
-            rows += run_cases(x, args.repeats)
-        if args.cases in ("all", "networks"):
-            rows += run_network_cases(batch, args.network_repeats, not args.no_xla_network, args.device)
-    add_ratios(rows)
-    print(markdown_table([r for r in rows if not r["case"].startswith("MinkUNet")]))
-    print()
-    print(network_table(rows))
+    print(markdown_table(rows))
     if args.out:
-        args.out.write_text(json.dumps(dict(machine=machine, results=rows), indent=1))
+        args.out.write_text(json.dumps(dict(machine=machine, command=sys.argv[1:], results=rows), indent=1))
+    if args.plot:
+        plot(rows, machine, args.plot)
+
+
+def spconv_version() -> str:
+    return importlib.metadata.version("spconv")
 
 
 if __name__ == "__main__":

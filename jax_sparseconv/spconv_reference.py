@@ -29,6 +29,26 @@ def to_spconv(x: SparseConvTensor):
                                x.batch_size)
 
 
+def randomize(module, seed: int):
+    """``module`` in eval mode with random weights everywhere and batch norms with non-trivial
+    statistics. Conv and linear weights have variance 1 / fan-in, so that activations keep their
+    scale through a deep network (finite outputs to compare)."""
+    _, torch = _modules()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith(("running_var", "weight")) and tensor.ndim == 1:
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif tensor.ndim >= 2:  # [out, ..., in]: every entry but the first axis feeds one output
+                fan_in = tensor.numel() // tensor.shape[0]
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / fan_in**0.5)
+            else:
+                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
+    return module.eval()
+
+
 def _batch_norm(channels: int):
     _, torch = _modules()
     return torch.nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01)

@@ -36,20 +36,6 @@ def scan(shared_data):
     return utils.kitti_tensor([shared_data("kitti/000000.bin")], voxel_size=(0.05, 0.05, 0.1))
 
 
-def _randomize(module, seed: int):
-    """Random weights everywhere, and batch norms with non-trivial statistics."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            if name.endswith(("running_var", "weight")) and tensor.ndim == 1:
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            else:
-                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
-    return module.eval()
-
-
 def _run_spconv(module, x):
     torch.set_num_threads(1)
     with torch.no_grad():
@@ -73,7 +59,7 @@ def _assert_same_rows(ours: jsc.SparseConvTensor, theirs):
 
 @pytest.mark.parametrize("backend", ["ffi", pytest.param("xla", marks=pytest.mark.slow)])
 def test_voxel_backbone_matches_spconv(scan, backend):
-    torch_model = _randomize(spconv_reference.voxel_backbone_8x(scan.num_channels, CHANNELS), seed=1)
+    torch_model = spconv_reference.randomize(spconv_reference.voxel_backbone_8x(scan.num_channels, CHANNELS), seed=1)
     theirs = _run_spconv(torch_model, scan)
     model = models.VoxelBackBone8x(features=CHANNELS, backend=backend)
     variables = model.init(jax.random.key(0), scan)
@@ -86,7 +72,7 @@ def test_voxel_backbone_matches_spconv(scan, backend):
 def test_mink_unet_matches_spconv(scan):
     sizes = dict(stem_features=8, encoder_features=(8, 16, 16, 24), decoder_features=(16, 16, 8, 8),
                  blocks_per_stage=1)
-    torch_model = _randomize(spconv_reference.mink_unet(scan.num_channels, 5, **sizes), seed=3)
+    torch_model = spconv_reference.randomize(spconv_reference.mink_unet(scan.num_channels, 5, **sizes), seed=3)
     theirs = _run_spconv(torch_model, scan)
     model = models.MinkUNet(5, **sizes)
     variables = jsc.convert.from_spconv(torch_model.state_dict(), model.init(jax.random.key(0), scan))
@@ -126,7 +112,7 @@ def _nnx_unet_like(rngs):
 
 
 def test_inverse_and_pointwise_layers_match_spconv_in_linen_and_nnx(scan):
-    torch_model = _randomize(_torch_unet_like(), seed=2)
+    torch_model = spconv_reference.randomize(_torch_unet_like(), seed=2)
     theirs = _run_spconv(torch_model, scan)
     state_dict = {f"net.{k}": v for k, v in torch_model.state_dict().items()}
 
@@ -161,7 +147,7 @@ def test_detection_example_loads_an_openpcdet_checkpoint(scan, tmp_path, load_ex
     """An OpenPCDet-style checkpoint (``model_state`` with ``backbone_3d.*`` among other heads'
     tensors) saved by torch loads into the example's VoxelBackBone8x as from_spconv does."""
     detection = load_example("detection_backbone")
-    torch_model = _randomize(spconv_reference.voxel_backbone_8x(scan.num_channels), seed=5)
+    torch_model = spconv_reference.randomize(spconv_reference.voxel_backbone_8x(scan.num_channels), seed=5)
     state = {f"backbone_3d.{key}": value for key, value in torch_model.state_dict().items()}
     state["dense_head.conv_cls.weight"] = torch.zeros(18, 512, 1, 1)
     torch.save({"model_state": state, "epoch": 80}, tmp_path / "checkpoint.pth")
