@@ -1,6 +1,6 @@
 """Benchmark: jax_sparseconv against spconv on a real KITTI scan, each run the way its users run it.
 
-    python benchmarks/bench_cpu.py --out results.json --plot docs/bench_cpu.png   # about 15 minutes
+    python benchmarks/bench_cpu.py --out results.json --plot docs/bench_cpu.png   # about 8 minutes on 2 cores
     python benchmarks/bench_cpu.py --threads 2 --channels 16 64 --no-network      # a quick look
     python benchmarks/bench_cpu.py --device gpu --out gpu.json                    # on JAX's first GPU
 
