@@ -113,7 +113,7 @@ class RulebookBuilds:
 
 
 class Spconv:
-    """spconv runs of the benchmark's cases on ``threads`` torch threads."""
+    """spconv runs of the benchmark's cases on the tensor ``x``'s active rows."""
 
     def __init__(self, x: jsc.SparseConvTensor, device: str, builds: RulebookBuilds):
         base = spconv_reference.to_spconv(x)
@@ -158,9 +158,14 @@ class Spconv:
         return layer.to(self.device).eval()
 
 
+def site_order(indices: np.ndarray) -> np.ndarray:
+    """The permutation that sorts rows by their site (batch, then coordinates)."""
+    return np.lexsort(indices.T[::-1])
+
+
 def by_site(indices: np.ndarray, features: np.ndarray) -> np.ndarray:
     """Rows ordered by their site, so that two libraries' outputs compare row by row."""
-    return features[np.lexsort(indices.T[::-1])]
+    return features[site_order(indices)]
 
 
 def error(spconv_out, ours: jsc.SparseConvTensor) -> float:
@@ -244,7 +249,7 @@ def op_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_threads: 
         active = np.asarray(y.active)
         ours_sites, ours_rows = np.asarray(y.indices)[active], np.asarray(y.features)[active]
         aligned = np.empty_like(ours_rows)
-        aligned[np.lexsort(sy.indices.cpu().numpy().T[::-1])] = ours_rows[np.lexsort(ours_sites.T[::-1])]
+        aligned[site_order(sy.indices.cpu().numpy())] = by_site(ours_sites, ours_rows)
         sy = sy.replace_feature(torch.from_numpy(aligned).to(ref.device))
         up_layer = ref.load(spconv.SparseInverseConv3d(cout, cin, 3, bias=False, indice_key="down"), w_up)
         theirs(case_up, lambda: up_layer(sy), up_out, reuses_rulebook=True)
@@ -252,7 +257,7 @@ def op_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_threads: 
 
 def network_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_threads: list[int], record) -> None:
     labels = jax.random.randint(jax.random.key(1), (x.capacity,), 0, NUM_CLASSES)
-    torch_model = None
+    torch_model = ours_out = None
     if ref:  # random weights and statistics, ours converted from them, so the outputs compare
         torch_model = spconv_reference.randomize(spconv_reference.mink_unet(x.num_channels, NUM_CLASSES), seed=0)
     for backend in args.network_backends:
@@ -262,7 +267,7 @@ def network_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_thre
             variables = jsc.convert.from_spconv(torch_model.state_dict(), variables)
         forward = jax.jit(lambda variables, x: model.apply(variables, x))
         record("MinkUNet18 forward", backend, median_time(jax_call(forward, variables, x), args.network_repeats))
-        if backend == "ffi":
+        if backend == "ffi" or ours_out is None:  # the output spconv's is checked against
             ours_out = forward(variables, x)
         step = training_step(model)
         params = variables["params"]

@@ -24,25 +24,20 @@ namespace {
 
 // SIMD vectors of the widest registers the build targets, through GCC's
 // vector extensions; loads and stores go through the reduced-alignment
-// typedef, so rows need no alignment. The register blocks (rows x 2 vectors
-// of accumulators, plus the weights and a broadcast) fit the register file:
-// 32 zmm with AVX-512, 16 ymm with AVX2, 16 xmm with SSE2 (NEON has 32).
-// A block larger than the file spills its accumulators: with the AVX-512
-// sizes on an AVX2 machine, SubM 3^3 at C = 64 (KITTI, 44k voxels) took
-// 490 ms against 20 ms with these.
+// typedef, so rows need no alignment.
 #if defined(__AVX512F__)
-constexpr int kVectorBytes = 64;
-constexpr int kMaxBlockRows = 8;  // forward: output rows per block
-constexpr int kOuterRows = 8;     // kernel gradient: input channels per block
+constexpr int kVectorBytes = 64;  // 32 zmm registers
 #elif defined(__AVX__)
-constexpr int kVectorBytes = 32;
-constexpr int kMaxBlockRows = 6;
-constexpr int kOuterRows = 6;
+constexpr int kVectorBytes = 32;  // 16 ymm registers
 #else
-constexpr int kVectorBytes = 16;
-constexpr int kMaxBlockRows = 6;
-constexpr int kOuterRows = 6;
+constexpr int kVectorBytes = 16;  // 16 xmm registers (SSE2); NEON has 32
 #endif
+// Register blocks: rows x 2 vectors of accumulators, plus 2 vectors of
+// weights (or gradients) and a broadcast, must fit the register file (19 of
+// 32, 15 of 16). A larger block spills its accumulators: the AVX-512 sizes on
+// an AVX2 machine ran about 20x slower (issue 19's note).
+constexpr int kMaxBlockRows = kVectorBytes == 64 ? 8 : 6;  // forward: output rows per block
+constexpr int kOuterRows = kMaxBlockRows;  // kernel gradient: input channels per block
 
 template <typename Acc> struct Simd;
 template <> struct Simd<float> {
