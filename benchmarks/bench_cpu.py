@@ -29,7 +29,7 @@ Ours: the ``ffi`` backend (native kernels) and the ``xla`` backend (pure JAX), j
 worker's threads. SubM rows also give the achieved GFLOP/s (2 x pairs x C^2 / time) and XLA's
 dense float32 matmul rate for the same ``[pairs, C] x [C, C]`` shape, measured in the same run.
 The network is MinkUNet18 (``jax_sparseconv.models.MinkUNet``, 20 classes; spconv's twin in
-``jax_sparseconv.spconv_reference``): eval forward, and our training step (loss, gradients,
+``tests/spconv_twins.py``): eval forward, and our training step (loss, gradients,
 Adam update), rulebooks built inside each call.
 """
 
@@ -57,8 +57,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jax_sparseconv as jsc  # noqa: E402
-from jax_sparseconv import models, spconv_reference  # noqa: E402
+from jax_sparseconv import models  # noqa: E402
 from jax_sparseconv.utils import kitti_tensor  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the spconv twins of our models
+import spconv_twins  # noqa: E402
 
 FULL_RANGE = (-80.0, -80.0, -5.0, 80.0, 80.0, 3.0)  # covers every point of the scans
 DATA = Path(os.environ.get("JSC_KITTI_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kitti"))
@@ -116,7 +119,7 @@ class Spconv:
     """spconv runs of the benchmark's cases on the tensor ``x``'s active rows."""
 
     def __init__(self, x: jsc.SparseConvTensor, device: str, builds: RulebookBuilds):
-        base = spconv_reference.to_spconv(x)
+        base = spconv_twins.to_spconv(x)
         self.x, self.device, self.builds = x, device, builds
         self.indices, self.shape, self.batch = base.indices.to(device), base.spatial_shape, base.batch_size
 
@@ -259,7 +262,7 @@ def network_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_thre
     labels = jax.random.randint(jax.random.key(1), (x.capacity,), 0, NUM_CLASSES)
     torch_model = ours_out = None
     if ref:  # random weights and statistics, ours converted from them, so the outputs compare
-        torch_model = spconv_reference.randomize(spconv_reference.mink_unet(x.num_channels, NUM_CLASSES), seed=0)
+        torch_model = spconv_twins.randomize(spconv_twins.mink_unet(x.num_channels, NUM_CLASSES), seed=0)
     for backend in args.network_backends:
         model = models.MinkUNet(NUM_CLASSES, backend=backend)
         variables = jax.jit(model.init)(jax.random.key(0), x)

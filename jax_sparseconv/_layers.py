@@ -129,23 +129,43 @@ def to_dense_call(layer: Any, x: SparseConvTensor) -> jax.Array:
 # ---- normalization -----------------------------------------------------------------------
 
 def batch_norm(x: SparseConvTensor, *, use_running_average: bool, running_mean, running_var, scale, bias,
-               momentum: float, epsilon: float, axis_name, axis_index_groups, dtype):
+               momentum: float, epsilon: float, axis_name, axis_index_groups, dtype,
+               residual: SparseConvTensor | None = None, relu: bool = False):
     """Returns ``(y, (mean, var))``: the output and the updated running averages.
 
     Training mode normalizes with the statistics of the active rows (across devices
     with ``axis_name``) and moves the running averages by ``1 - momentum`` (Flax's
     convention: spconv's PyTorch momentum 0.01 is Flax momentum 0.99). The running
-    variance is the biased batch variance, as in Flax.
+    variance is the biased batch variance, as in Flax. ``residual`` is added to the
+    normalized features, then ReLU if ``relu``: in training one fused op
+    (``normalization.batch_norm_act``) when ``residual`` is on the same rows as ``x``
+    (the same ``indices`` array), else ``sparse_add`` on the union of the sites.
     """
+    if residual is not None and residual.indices is not x.indices:
+        y, updated = batch_norm(x, use_running_average=use_running_average, running_mean=running_mean,
+                                running_var=running_var, scale=scale, bias=bias, momentum=momentum, epsilon=epsilon,
+                                axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype)
+        y = functional.sparse_add(y, residual)
+        return (y.replace_feature(jax.nn.relu(y.features)) if relu else y), updated
+    if residual is not None and residual.num_channels != x.num_channels:
+        raise ValueError(f"the residual has {residual.num_channels} channels, the batch norm's input "
+                         f"{x.num_channels}")
+    residual_features = None if residual is None else residual.features
     if use_running_average:
-        mean, var = running_mean, running_var
-        updated = (running_mean, running_var)
-    else:
-        mean, var = normalization.masked_moments(x.features, x.active, axis_name, axis_index_groups)
-        updated = tuple((momentum * running + (1 - momentum) * batch).astype(running.dtype)
-                        for running, batch in ((running_mean, mean), (running_var, var)))
-    y = normalization.normalize(x.features, x.active, mean, var, scale, bias, epsilon, dtype)
-    return x.replace_feature(y), updated
+        y = normalization.normalize(x.features, x.active, running_mean, running_var, scale, bias, epsilon, dtype)
+        if residual is not None:
+            y = y + residual_features.astype(y.dtype)
+        if relu:
+            y = jax.nn.relu(y)
+        return x.replace_feature(y), (running_mean, running_var)
+    y, mean, var = normalization.batch_norm_act(x.features, x.active, scale, bias, epsilon,
+                                                residual=residual_features, relu=relu, axis_name=axis_name,
+                                                axis_index_groups=axis_index_groups, dtype=dtype)
+    updated = tuple((momentum * running + (1 - momentum) * batch).astype(running.dtype)
+                    for running, batch in ((running_mean, mean), (running_var, var)))
+    # y is zero on padding rows already.
+    return SparseConvTensor(y, x.indices, x.spatial_shape, x.batch_size, x.indice_dict, x.overflow,
+                            validate=False), updated
 
 
 def layer_norm(x: SparseConvTensor, *, scale, bias, epsilon: float, dtype) -> SparseConvTensor:
@@ -171,12 +191,19 @@ def apply_sequential(layers: Sequence[Callable], x: Any, feature_layer_check: Ca
     a global pool), later layers get that array. Each layer also gets those ``kwargs``
     that its call signature names (``use_running_average``, ``deterministic``, ...).
     ``feature_layer_check`` rejects layers whose feature-wise use would be wrong (a batch
-    norm that would count padding rows).
+    norm that would count padding rows). A batch norm followed by ``relu`` runs as one op
+    (``SparseBatchNorm(relu=True)``: the same values, less kept for the backward pass).
     """
-    for layer in layers:
+    layers = list(layers)
+    fused_relu = False
+    for layer, following in zip(layers, layers[1:] + [None]):
+        if fused_relu:  # this relu ran inside the batch norm before it
+            fused_relu = False
+            continue
         layer_kwargs = _accepted_kwargs(layer, kwargs)
         if takes_sparse_tensor(layer) or not isinstance(x, SparseConvTensor):
-            x = layer(x, **layer_kwargs)
+            fused_relu = getattr(layer, "fuses_relu", False) and following is jax.nn.relu
+            x = layer(x, **layer_kwargs, **({"relu": True} if fused_relu else {}))
         else:
             feature_layer_check(layer)
             x = x.replace_feature(layer(x.features, **layer_kwargs))

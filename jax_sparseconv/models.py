@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_sparseconv import linen as spnn
-from jax_sparseconv.functional import sparse_add, sparse_cat
+from jax_sparseconv.functional import sparse_cat
 from jax_sparseconv.tensor import SparseConvTensor
 
 
@@ -69,15 +69,13 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: SparseConvTensor, train: bool) -> SparseConvTensor:
         conv = partial(_conv, self, spnn.SubMConv3d, self.features, 3, indice_key=self.indice_key)
-        y = _batch_norm(self, name="bn1")(conv(name="conv1")(x), use_running_average=not train)
-        y = y.replace_feature(nn.relu(y.features))
-        y = _batch_norm(self, name="bn2")(conv(name="conv2")(y), use_running_average=not train)
+        y = _batch_norm(self, name="bn1")(conv(name="conv1")(x), use_running_average=not train, relu=True)
         shortcut = x
         if x.num_channels != self.features:
             shortcut = x.replace_feature(_dense(self, self.features, use_bias=False, name="shortcut")(x.features))
             shortcut = _batch_norm(self, name="shortcut_bn")(shortcut, use_running_average=not train)
-        out = sparse_add(y, shortcut)
-        return out.replace_feature(nn.relu(out.features))
+        return _batch_norm(self, name="bn2")(conv(name="conv2")(y), use_running_average=not train, residual=shortcut,
+                                             relu=True)
 
 
 class MinkUNet(nn.Module):
@@ -115,8 +113,8 @@ class MinkUNet(nn.Module):
             raise ValueError("MinkUNet needs as many decoder stages and out_capacities as encoder stages")
 
         def conv_bn_relu(layer, name, y):
-            y = _batch_norm(self, name=f"{name}_bn")(layer(name=f"{name}_conv")(y), use_running_average=not train)
-            return y.replace_feature(nn.relu(y.features))
+            return _batch_norm(self, name=f"{name}_bn")(layer(name=f"{name}_conv")(y), use_running_average=not train,
+                                                        relu=True)
 
         def block(features, indice_key, name):
             return ResidualBlock(features, indice_key, **_options(self), name=name)

@@ -158,6 +158,7 @@ class _Norm(nnx.Module):
 class SparseBatchNorm(_Norm):
     """Batch norm over active sites only; variables as ``nnx.BatchNorm`` (``scale``,
     ``bias`` params; ``mean``, ``var`` batch stats). See ``linen.SparseBatchNorm``."""
+    fuses_relu: ClassVar[bool] = True  # SparseSequential runs [SparseBatchNorm, nnx.relu] as one op
 
     def __init__(self, num_features: int, *, use_running_average: bool = False, momentum: float = 0.99,
                  epsilon: float = 1e-5, dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
@@ -170,14 +171,15 @@ class SparseBatchNorm(_Norm):
         self.use_running_average, self.momentum, self.epsilon, self.dtype = use_running_average, momentum, epsilon, dtype
         self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
 
-    def __call__(self, x, use_running_average: bool | None = None):
+    def __call__(self, x, use_running_average: bool | None = None, *, residual=None, relu: bool = False):
+        """As ``linen.SparseBatchNorm.__call__``: ``residual`` added, then ReLU if ``relu``, fused."""
         _layers.check_input("SparseBatchNorm", x, None)
         scale, bias = self._affine()
         use_running_average = self.use_running_average if use_running_average is None else use_running_average
         y, (mean, var) = _layers.batch_norm(
             x, use_running_average=use_running_average, running_mean=self.mean[...], running_var=self.var[...],
             scale=scale, bias=bias, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype)
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, residual=residual, relu=relu)
         if not use_running_average:
             self.mean[...], self.var[...] = mean, var
         return y

@@ -8,8 +8,13 @@ only hold the parameters and call these.
 
 from __future__ import annotations
 
+import functools
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+from jax_sparseconv._vma import vary_together
 
 
 def _stats_dtype(dtype) -> jnp.dtype:
@@ -25,18 +30,97 @@ def masked_moments(features: jax.Array, active: jax.Array, axis_name: str | None
     different numbers of active rows are weighted correctly (a mean of per-device
     means would not be). The variance is computed around the global mean (two passes).
     """
-    dtype = _stats_dtype(features.dtype)
-    x = features.astype(dtype)
-    weight = active.astype(dtype)[:, None]
+    mean, var, _ = _moments(features.astype(_stats_dtype(features.dtype)), active, axis_name, axis_index_groups)
+    return mean, var
 
-    def total(value):
-        value = jnp.sum(value, axis=0)
-        return value if axis_name is None else jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
 
+def _moments(x, active, axis_name, axis_index_groups):
+    """``(mean, var, count)`` of float32+ rows ``x`` over the active rows of all devices."""
+    total = functools.partial(_total, axis_name=axis_name, axis_index_groups=axis_index_groups)
+    weight = active.astype(x.dtype)[:, None]
     count = jnp.maximum(total(weight[:, 0]), 1)
     mean = total(x * weight) / count
     var = total(jnp.square(x - mean) * weight) / count
-    return mean, var
+    return mean, var, count
+
+
+def _total(value, axis_name, axis_index_groups):
+    """Column sums of ``value``, over the devices on ``axis_name`` too."""
+    value = jnp.sum(value, axis=0)
+    return value if axis_name is None else jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
+
+
+def batch_norm_act(features: jax.Array, active: jax.Array, scale, bias, epsilon: float, *, residual=None,
+                   relu: bool = False, axis_name: str | None = None, axis_index_groups=None,
+                   dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm, then ``+ residual`` and ReLU if asked, as one op.
+
+    Returns ``(y, mean, var)``: ``y = act(normalize(features) + residual)`` (zero on padding,
+    in ``dtype``, default the features' dtype) and the batch statistics (``masked_moments``).
+    ``residual`` is ``[capacity, C]`` on the same rows, or None; ``scale`` and ``bias`` may be
+    None. The backward pass recomputes the normalized rows from ``features`` (and takes the
+    ReLU's mask from ``y``), so training keeps ``features`` and ``y`` only, where
+    differentiating the formula would keep several ``[capacity, C]`` intermediates. The
+    statistics are returned without gradient, like the running averages they update.
+    """
+    options = _BatchNormOptions(epsilon, relu, axis_name, axis_index_groups, jnp.dtype(dtype or features.dtype),
+                                None if residual is None else jnp.dtype(residual.dtype))
+    return _batch_norm_act(*vary_together(features, active, scale, bias, residual), options)
+
+
+class _BatchNormOptions(NamedTuple):
+    epsilon: float
+    relu: bool
+    axis_name: Any
+    axis_index_groups: Any
+    dtype: jnp.dtype
+    residual_dtype: jnp.dtype | None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _batch_norm_act(features, active, scale, bias, residual, options):
+    return _batch_norm_act_fwd(features, active, scale, bias, residual, options)[0]
+
+
+def _batch_norm_act_fwd(features, active, scale, bias, residual, options):
+    epsilon, relu, axis_name, axis_index_groups, dtype, _ = options
+    stats = _stats_dtype(features.dtype)
+    x = features.astype(stats)
+    mean, var, count = _moments(x, active, axis_name, axis_index_groups)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * inv_std
+    if scale is not None:
+        y = y * scale.astype(stats)
+    if bias is not None:
+        y = y + bias.astype(stats)
+    if residual is not None:
+        y = y + residual.astype(stats)
+    if relu:
+        y = jnp.maximum(y, 0)
+    y = jnp.where(active[:, None], y, 0).astype(dtype)
+    return (y, mean, var), (features, active, scale, bias, y if relu else None, mean, inv_std, count)
+
+
+def _batch_norm_act_bwd(options, saved, cotangents):
+    features, active, scale, bias, y, mean, inv_std, count = saved
+    total = functools.partial(_total, axis_name=options.axis_name, axis_index_groups=options.axis_index_groups)
+    g = cotangents[0]  # the statistics carry no gradient
+    stats = _stats_dtype(features.dtype)
+    passed = active[:, None] if y is None else active[:, None] & (y > 0)
+    d_y = jnp.where(passed, g.astype(stats), 0)  # the cotangent of the normalized-and-shifted rows
+    x_hat = (features.astype(stats) - mean) * inv_std
+    d_scale = None if scale is None else jnp.sum(d_y * x_hat, axis=0).astype(scale.dtype)
+    d_bias = None if bias is None else jnp.sum(d_y, axis=0).astype(bias.dtype)
+    d_x_hat = d_y if scale is None else d_y * scale.astype(stats)
+    # Through the statistics of all devices' rows: each row's share of the mean and variance.
+    mean_d = total(d_x_hat) / count
+    mean_d_x_hat = total(d_x_hat * x_hat) / count
+    d_features = jnp.where(active[:, None], inv_std * (d_x_hat - mean_d - x_hat * mean_d_x_hat), 0)
+    d_residual = None if options.residual_dtype is None else d_y.astype(options.residual_dtype)
+    return d_features.astype(features.dtype), None, d_scale, d_bias, d_residual
+
+
+_batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
 
 
 def normalize(features: jax.Array, active: jax.Array, mean, var, scale, bias, epsilon: float,

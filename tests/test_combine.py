@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jax_sparseconv as jsc
-from jax_sparseconv import testing as T
+import sparse_testing as T
 from jax_sparseconv.functional import sparse_add, sparse_cat
 
 SHAPES = {1: (13,), 2: (7, 9), 3: (6, 7, 5), 4: (4, 5, 4, 3)}

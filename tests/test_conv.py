@@ -11,7 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_sparseconv as jsc
-from jax_sparseconv import testing as T
+import sparse_testing as T
 from jax_sparseconv.geometry import REGULAR, SUBM, TRANSPOSED, make_geometry
 
 SHAPES = {1: (13,), 2: (7, 9), 3: (6, 7, 5), 4: (4, 5, 4, 3)}

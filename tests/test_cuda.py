@@ -20,7 +20,7 @@ import pytest
 
 import jax_sparseconv as jsc
 from jax_sparseconv import _native
-from jax_sparseconv import testing as T
+import sparse_testing as T
 from jax_sparseconv.backends import ffi, xla
 from jax_sparseconv.geometry import REGULAR, SUBM, TRANSPOSED, make_geometry
 

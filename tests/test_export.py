@@ -19,7 +19,7 @@ import pytest
 
 import jax_sparseconv as jsc
 from jax_sparseconv import _native, models
-from jax_sparseconv import testing as T
+import sparse_testing as T
 
 OURS = "jsc_"  # prefix of our custom-call targets
 DATA = Path(__file__).resolve().parent / "data"

@@ -157,7 +157,7 @@ def test_feature_handlers_on_hostile_neighbour_maps(name, n, m, k, cin, cout, lo
 _THREADS_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp
 import jax_sparseconv as jsc
-from jax_sparseconv import testing as T
+import sparse_testing as T
 rng = np.random.default_rng(int(sys.argv[2]))
 x = T.random_tensor(rng, 2, (24, 24, 24), 32, density=0.2)
 w_sub = jnp.asarray(rng.normal(size=(3, 3, 3, 32, 32)), jnp.float32)

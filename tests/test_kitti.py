@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jax_sparseconv as jsc
-from jax_sparseconv import testing as T
+import sparse_testing as T
 from jax_sparseconv.geometry import REGULAR, SUBM, make_geometry
 from jax_sparseconv.utils import KITTI_RANGE, kitti_tensor
 

@@ -15,7 +15,7 @@ from flax import nnx
 import jax_sparseconv as jsc
 from jax_sparseconv import linen as spnn
 from jax_sparseconv import nnx as spnnx
-from jax_sparseconv import testing as T
+import sparse_testing as T
 
 SHAPES = {1: (11,), 2: (7, 8), 3: (6, 7, 5), 4: (4, 5, 4, 3)}
 CONVS = {  # layer name -> functional keyword arguments that select the op

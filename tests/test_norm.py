@@ -14,7 +14,7 @@ import jax_sparseconv as jsc
 from jax_sparseconv import linen as spnn
 from jax_sparseconv import normalization as N
 from jax_sparseconv import nnx as spnnx
-from jax_sparseconv import testing as T
+import sparse_testing as T
 
 SHAPE = (6, 7, 5)
 

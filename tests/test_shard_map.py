@@ -25,7 +25,7 @@ from jax_sparseconv import functional as F
 from jax_sparseconv import linen as spnn
 from jax_sparseconv import models
 from jax_sparseconv import nnx as spnnx
-from jax_sparseconv import testing as T
+import sparse_testing as T
 
 AXIS = "d"
 SHAPE = (8, 8, 8)

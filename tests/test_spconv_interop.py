@@ -16,8 +16,9 @@ import pytest
 from flax import nnx
 
 import jax_sparseconv as jsc
+import spconv_twins
 from jax_sparseconv import linen as spnn
-from jax_sparseconv import models, spconv_reference
+from jax_sparseconv import models
 from jax_sparseconv import nnx as spnnx
 from jax_sparseconv import utils
 
@@ -39,7 +40,7 @@ def scan(shared_data):
 def _run_spconv(module, x):
     torch.set_num_threads(1)
     with torch.no_grad():
-        out = module(spconv_reference.to_spconv(x))
+        out = module(spconv_twins.to_spconv(x))
     return out.indices.numpy(), out.features.numpy()
 
 
@@ -59,7 +60,7 @@ def _assert_same_rows(ours: jsc.SparseConvTensor, theirs):
 
 @pytest.mark.parametrize("backend", ["ffi", pytest.param("xla", marks=pytest.mark.slow)])
 def test_voxel_backbone_matches_spconv(scan, backend):
-    torch_model = spconv_reference.randomize(spconv_reference.voxel_backbone_8x(scan.num_channels, CHANNELS), seed=1)
+    torch_model = spconv_twins.randomize(spconv_twins.voxel_backbone_8x(scan.num_channels, CHANNELS), seed=1)
     theirs = _run_spconv(torch_model, scan)
     model = models.VoxelBackBone8x(features=CHANNELS, backend=backend)
     variables = model.init(jax.random.key(0), scan)
@@ -72,7 +73,7 @@ def test_voxel_backbone_matches_spconv(scan, backend):
 def test_mink_unet_matches_spconv(scan):
     sizes = dict(stem_features=8, encoder_features=(8, 16, 16, 24), decoder_features=(16, 16, 8, 8),
                  blocks_per_stage=1)
-    torch_model = spconv_reference.randomize(spconv_reference.mink_unet(scan.num_channels, 5, **sizes), seed=3)
+    torch_model = spconv_twins.randomize(spconv_twins.mink_unet(scan.num_channels, 5, **sizes), seed=3)
     theirs = _run_spconv(torch_model, scan)
     model = models.MinkUNet(5, **sizes)
     variables = jsc.convert.from_spconv(torch_model.state_dict(), model.init(jax.random.key(0), scan))
@@ -112,7 +113,7 @@ def _nnx_unet_like(rngs):
 
 
 def test_inverse_and_pointwise_layers_match_spconv_in_linen_and_nnx(scan):
-    torch_model = spconv_reference.randomize(_torch_unet_like(), seed=2)
+    torch_model = spconv_twins.randomize(_torch_unet_like(), seed=2)
     theirs = _run_spconv(torch_model, scan)
     state_dict = {f"net.{k}": v for k, v in torch_model.state_dict().items()}
 
@@ -147,7 +148,7 @@ def test_detection_example_loads_an_openpcdet_checkpoint(scan, tmp_path, load_ex
     """An OpenPCDet-style checkpoint (``model_state`` with ``backbone_3d.*`` among other heads'
     tensors) saved by torch loads into the example's VoxelBackBone8x as from_spconv does."""
     detection = load_example("detection_backbone")
-    torch_model = spconv_reference.randomize(spconv_reference.voxel_backbone_8x(scan.num_channels), seed=5)
+    torch_model = spconv_twins.randomize(spconv_twins.voxel_backbone_8x(scan.num_channels), seed=5)
     state = {f"backbone_3d.{key}": value for key, value in torch_model.state_dict().items()}
     state["dense_head.conv_cls.weight"] = torch.zeros(18, 512, 1, 1)
     torch.save({"model_state": state, "epoch": 80}, tmp_path / "checkpoint.pth")

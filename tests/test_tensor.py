@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jax_sparseconv as jsc
-from jax_sparseconv import testing as T
+import sparse_testing as T
 
 
 def _tensor(rng, **kwargs):

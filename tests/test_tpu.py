@@ -22,7 +22,7 @@ import jax_sparseconv as jsc
 import jax_sparseconv.linen as spnn
 import jax_sparseconv.nnx as spnnx
 from jax_sparseconv import backends, models
-from jax_sparseconv import testing as T
+import sparse_testing as T
 from jax_sparseconv.backends import xla
 from jax_sparseconv.functional import sparse_add, sparse_cat
 from jax_sparseconv.geometry import make_geometry

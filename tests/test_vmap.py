@@ -12,7 +12,7 @@ import pytest
 
 import jax_sparseconv as jsc
 from jax_sparseconv import linen as spnn
-from jax_sparseconv import testing as T
+import sparse_testing as T
 from jax_sparseconv.functional import sparse_add
 
 SHAPE = (6, 7, 5)

@@ -1,4 +1,4 @@
-"""spconv (PyTorch) twins of ``jax_sparseconv.models``, for comparisons in tests and benchmarks.
+"""spconv (PyTorch) twins of ``jax_sparseconv.models``, for the comparisons in tests and benchmarks.
 
 Same layers, same order, same module names, so ``jsc.convert.from_spconv`` maps their
 ``state_dict()`` onto the Flax models' variables. Needs the optional ``compare`` extra
