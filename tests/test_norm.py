@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 from flax import nnx
 
 import jax_sparseconv as jsc
@@ -333,3 +334,67 @@ def test_bfloat16_features(kind, rng):
     out16, out32 = np.asarray(y16.features, np.float64), np.asarray(y32.features, np.float64)
     np.testing.assert_allclose(out16, out32, rtol=2 ** -8, atol=1e-6)
     assert not out16[~np.asarray(x16.active)].any()
+
+
+# ---- fused batch norm, residual and ReLU: gradients -------------------------------------------
+
+@pytest.mark.parametrize("relu, with_residual, with_affine", [(False, False, True), (True, False, True),
+                                                               (True, True, True), (True, True, False)])
+def test_batch_norm_act_gradients_match_the_formula(relu, with_residual, with_affine, rng):
+    """The hand-written backward of ``batch_norm_act`` equals autodiff of the masked formula
+    (float64), and finite differences; padding rows get no gradient."""
+    with jax.enable_x64():
+        x = _tensor(rng, 2, 5, dtype=np.float64, padding_rows=4)
+        active = x.active
+        scale, bias = (jnp.asarray(a, jnp.float64) for a in _affine(rng, 5))
+        residual = jnp.where(active[:, None], rng.normal(size=x.features.shape), 0)
+        weights = jnp.asarray(rng.normal(size=x.features.shape))
+
+        def fused(features, scale, bias, residual):
+            y, _, _ = N.batch_norm_act(features, active, scale if with_affine else None,
+                                       bias if with_affine else None, 1e-3,
+                                       residual=residual if with_residual else None, relu=relu)
+            return jnp.vdot(y, weights)
+
+        def formula(features, scale, bias, residual):
+            mean, var = N.masked_moments(features, active)
+            y = N.normalize(features, active, mean, var, scale if with_affine else None,
+                            bias if with_affine else None, 1e-3)
+            y = jnp.where(active[:, None], y + (residual if with_residual else 0), 0)
+            return jnp.vdot(jnp.maximum(y, 0) if relu else y, weights)
+
+        args = (x.features, scale, bias, residual)
+        np.testing.assert_allclose(fused(*args), formula(*args), rtol=1e-12)
+        for got, want in zip(jax.grad(fused, argnums=(0, 1, 2, 3))(*args),
+                             jax.grad(formula, argnums=(0, 1, 2, 3))(*args)):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        d_features = jax.grad(fused)(*args)
+        assert not np.asarray(d_features)[~np.asarray(active)].any()
+        check_grads(jax.jit(fused), args, order=1, modes=["rev"])
+
+
+def test_residual_block_norm_matches_the_unfused_layers(rng):
+    """``SparseBatchNorm(residual=, relu=True)`` equals batch norm, ``sparse_add`` and ReLU."""
+    x = _tensor(rng, 2, 4)
+    shortcut = x.replace_feature(jnp.asarray(rng.normal(size=x.features.shape), jnp.float32))
+    model = spnn.SparseBatchNorm(use_running_average=False)
+    variables = {**_batch_norm_variables(rng, 4)}
+
+    def fused(variables, features):
+        y, _ = model.apply(variables, x.replace_feature(features), residual=shortcut, relu=True,
+                           mutable=["batch_stats"])
+        return y.features
+
+    def unfused(variables, features):
+        y, _ = model.apply(variables, x.replace_feature(features), mutable=["batch_stats"])
+        y = jsc.functional.sparse_add(y, shortcut)
+        return jax.nn.relu(y.features)
+
+    np.testing.assert_allclose(jax.jit(fused)(variables, x.features), jax.jit(unfused)(variables, x.features),
+                               rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(rng.normal(size=x.features.shape), jnp.float32)
+    for f in (fused, unfused):
+        f.grad = jax.jit(jax.grad(lambda v, feats, f=f: jnp.vdot(f(v, feats), weights), argnums=(0, 1)))
+    got, want = fused.grad(variables, x.features), unfused.grad(variables, x.features)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
