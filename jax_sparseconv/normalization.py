@@ -46,7 +46,11 @@ def _moments(x, active, axis_name, axis_index_groups):
 
 def _total(value, axis_name, axis_index_groups):
     """Column sums of ``value``, over the devices on ``axis_name`` too."""
-    value = jnp.sum(value, axis=0)
+    return _over_devices(jnp.sum(value, axis=0), axis_name, axis_index_groups)
+
+
+def _over_devices(value, axis_name, axis_index_groups):
+    """``value`` summed over the devices on ``axis_name`` (unchanged without one)."""
     return value if axis_name is None else jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
 
 
@@ -88,11 +92,7 @@ def _batch_norm_act_fwd(features, active, scale, bias, residual, options):
     x = features.astype(stats)
     mean, var, count = _moments(x, active, axis_name, axis_index_groups)
     inv_std = jax.lax.rsqrt(var + epsilon)
-    y = (x - mean) * inv_std
-    if scale is not None:
-        y = y * scale.astype(stats)
-    if bias is not None:
-        y = y + bias.astype(stats)
+    y = _scale_and_shift((x - mean) * inv_std, scale, bias)
     if residual is not None:
         y = y + residual.astype(stats)
     if relu:
@@ -103,19 +103,22 @@ def _batch_norm_act_fwd(features, active, scale, bias, residual, options):
 
 def _batch_norm_act_bwd(options, saved, cotangents):
     features, active, scale, bias, y, mean, inv_std, count = saved
-    total = functools.partial(_total, axis_name=options.axis_name, axis_index_groups=options.axis_index_groups)
+    over_devices = functools.partial(_over_devices, axis_name=options.axis_name,
+                                     axis_index_groups=options.axis_index_groups)
     g = cotangents[0]  # the statistics carry no gradient
     stats = _stats_dtype(features.dtype)
     passed = active[:, None] if y is None else active[:, None] & (y > 0)
     d_y = jnp.where(passed, g.astype(stats), 0)  # the cotangent of the normalized-and-shifted rows
     x_hat = (features.astype(stats) - mean) * inv_std
-    d_scale = None if scale is None else jnp.sum(d_y * x_hat, axis=0).astype(scale.dtype)
-    d_bias = None if bias is None else jnp.sum(d_y, axis=0).astype(bias.dtype)
-    d_x_hat = d_y if scale is None else d_y * scale.astype(stats)
-    # Through the statistics of all devices' rows: each row's share of the mean and variance.
-    mean_d = total(d_x_hat) / count
-    mean_d_x_hat = total(d_x_hat * x_hat) / count
-    d_features = jnp.where(active[:, None], inv_std * (d_x_hat - mean_d - x_hat * mean_d_x_hat), 0)
+    sum_d_y, sum_d_y_x_hat = jnp.sum(d_y, axis=0), jnp.sum(d_y * x_hat, axis=0)  # this device's rows
+    d_scale = None if scale is None else sum_d_y_x_hat.astype(scale.dtype)
+    d_bias = None if bias is None else sum_d_y.astype(bias.dtype)
+    # Through the statistics of all devices' rows: each row's share of the mean and variance
+    # (the cotangent of x_hat is d_y * scale).
+    gain = inv_std if scale is None else inv_std * scale.astype(stats)
+    mean_d = over_devices(sum_d_y) / count
+    mean_d_x_hat = over_devices(sum_d_y_x_hat) / count
+    d_features = jnp.where(active[:, None], gain * (d_y - mean_d - x_hat * mean_d_x_hat), 0)
     d_residual = None if options.residual_dtype is None else d_y.astype(options.residual_dtype)
     return d_features.astype(features.dtype), None, d_scale, d_bias, d_residual
 
@@ -131,12 +134,17 @@ def normalize(features: jax.Array, active: jax.Array, mean, var, scale, bias, ep
     ``bias`` may be None. The result has ``dtype`` (default: the features' dtype).
     """
     stats = _stats_dtype(features.dtype)
-    y = (features.astype(stats) - mean) * jax.lax.rsqrt(var + epsilon)
-    if scale is not None:
-        y = y * scale.astype(stats)
-    if bias is not None:
-        y = y + bias.astype(stats)
+    y = _scale_and_shift((features.astype(stats) - mean) * jax.lax.rsqrt(var + epsilon), scale, bias)
     return jnp.where(active[:, None], y, 0).astype(dtype or features.dtype)
+
+
+def _scale_and_shift(x_hat, scale, bias):
+    """``x_hat * scale + bias`` in ``x_hat``'s dtype; either may be None."""
+    if scale is not None:
+        x_hat = x_hat * scale.astype(x_hat.dtype)
+    if bias is not None:
+        x_hat = x_hat + bias.astype(x_hat.dtype)
+    return x_hat
 
 
 def layer_norm_moments(features: jax.Array) -> tuple[jax.Array, jax.Array]:
