@@ -182,10 +182,11 @@ def test_results_do_not_depend_on_thread_count(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_THREADS_SCRIPT)
     seed = str(np.random.SeedSequence().entropy % 2**31)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     results = []
     for name, prefix in (("one", ["taskset", "-c", str(min(os.sched_getaffinity(0)))]), ("all", [])):
         out = tmp_path / f"{name}.npz"
-        subprocess.run(prefix + [sys.executable, str(script), str(out), seed], check=True)
+        subprocess.run(prefix + [sys.executable, str(script), str(out), seed], check=True, env=env)
         results.append(np.load(out))
     for key in results[0].files:
         np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=f"{key} (seed {seed})")
