@@ -182,7 +182,10 @@ def test_results_do_not_depend_on_thread_count(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_THREADS_SCRIPT)
     seed = str(np.random.SeedSequence().entropy % 2**31)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    # tests/ for the helpers; no empty entry (that would put the source tree's package, which
+    # lacks the compiled extension, before the installed one).
+    paths = [os.path.dirname(__file__), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     results = []
     for name, prefix in (("one", ["taskset", "-c", str(min(os.sched_getaffinity(0)))]), ("all", [])):
         out = tmp_path / f"{name}.npz"

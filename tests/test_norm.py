@@ -370,7 +370,9 @@ def test_batch_norm_act_gradients_match_the_formula(relu, with_residual, with_af
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
         d_features = jax.grad(fused)(*args)
         assert not np.asarray(d_features)[~np.asarray(active)].any()
-        check_grads(jax.jit(fused), args, order=1, modes=["rev"])
+        # A small step: ReLU's kink within eps of a row's pre-activation would break the
+        # central difference (it did at the default 1e-4 on one seed in 20).
+        check_grads(jax.jit(fused), args, order=1, modes=["rev"], eps=1e-6)
 
 
 def test_residual_block_norm_matches_the_unfused_layers(rng):
