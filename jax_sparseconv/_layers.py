@@ -90,7 +90,8 @@ def conv(mode: str, x: SparseConvTensor, kernel, bias, *, strides, padding, kern
     out_capacity = output_rows(out_capacity, x)
     if dtype is None:
         dtype = jnp.result_type(x.features, kernel, *([] if bias is None else [bias]))
-    x = x.replace_feature(x.features.astype(dtype))
+    if x.features.dtype != dtype:  # (a conv reads active rows only: no need to re-mask a same-dtype input)
+        x = x.replace_feature(x.features.astype(dtype))
     kernel = jnp.asarray(kernel, dtype)
     bias = None if bias is None else jnp.asarray(bias, dtype)
     return functional.sparse_conv(x, kernel, bias, strides=strides, padding=padding, dilation=kernel_dilation,

@@ -93,6 +93,34 @@ def test_conv_layers_match_functional_and_each_other(name, ndim, backend, rng):
     assert np.any(np.asarray(ours.features) != 0)
 
 
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_layers_ignore_what_padding_rows_hold(name, backend, rng):
+    """A conv reads active rows only (its layer does not re-mask a same-dtype input): junk in
+    padding rows changes neither the output nor the kernel gradient, and gets no gradient."""
+    x = _input(rng, name, 3)
+    padding = ~np.asarray(x.active)
+    assert padding.any()
+    junk = jnp.where(jnp.asarray(padding)[:, None], jnp.asarray(rng.normal(size=x.features.shape), jnp.float32),
+                     x.features)
+    layer = getattr(spnn, f"{name}3d")(5, **_layer_args(name, 3), backend=backend)
+    params = layer.init(jax.random.key(0), x)["params"]
+
+    @jax.jit
+    def run(params, features):
+        def loss(params, features):
+            y = layer.apply({"params": params}, jsc.SparseConvTensor(features, x.indices, x.spatial_shape,
+                                                                    x.batch_size, x.indice_dict, validate=False))
+            return jnp.sum(jnp.sin(y.features)), y.features
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, features)
+
+    (_, clean), (d_params_clean, d_clean) = run(params, x.features)
+    (_, dirty), (d_params_dirty, d_dirty) = run(params, junk)
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+    np.testing.assert_array_equal(np.asarray(d_params_dirty["kernel"]), np.asarray(d_params_clean["kernel"]))
+    np.testing.assert_array_equal(np.asarray(d_dirty), np.asarray(d_clean))
+    assert not np.asarray(d_dirty)[padding].any()
+
+
 @pytest.mark.parametrize("kind", ["Max", "Avg"])
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_pool_layers_match_functional(kind, ndim, backend, rng):
