@@ -284,19 +284,26 @@ def network_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_thre
             record("MinkUNet18 forward", "spconv", seconds, threads=threads, error=error(out, ours_out))
 
 
-def training_step(model):
+def segmentation_loss(logits, x, labels):
+    """Mean softmax cross-entropy over the active sites."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.features, labels)
+    return jnp.sum(jnp.where(x.active, losses, 0)) / jnp.sum(x.active)
+
+
+def training_step(model, loss=segmentation_loss):
+    """Jitted ``(params, batch_stats, opt_state, x, targets) -> (params, batch_stats, opt_state,
+    loss)``: ``loss(model output, x, targets)``, its gradients and an Adam update."""
     optimizer = optax.adam(1e-3)
 
-    def loss_fn(params, batch_stats, x, labels):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                      mutable=["batch_stats"])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits.features, labels)
-        return jnp.sum(jnp.where(x.active, losses, 0)) / jnp.sum(x.active), updates["batch_stats"]
+    def loss_fn(params, batch_stats, x, targets):
+        out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                   mutable=["batch_stats"])
+        return loss(out, x, targets), updates["batch_stats"]
 
-    def step(params, batch_stats, opt_state, x, labels):
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, labels)
+    def step(params, batch_stats, opt_state, x, targets):
+        (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, targets)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+        return optax.apply_updates(params, updates), batch_stats, opt_state, value
 
     return jax.jit(step)
 

@@ -45,21 +45,8 @@ class Detector(nn.Module):
         return nn.Dense(HEAD_OUTPUTS)(models.bev_features(models.VoxelBackBone8x()(x, train)))
 
 
-def detection_step(model):
-    """Jitted training step of ``Detector``: squared error against ``targets``, Adam."""
-    optimizer = optax.adam(1e-3)
-
-    def loss_fn(params, batch_stats, x, targets):
-        out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                   mutable=["batch_stats"])
-        return jnp.mean((out - targets) ** 2), updates["batch_stats"]
-
-    def step(params, batch_stats, opt_state, x, targets):
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, targets)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-    return jax.jit(step)
+def detection_loss(out, x, targets):
+    return jnp.mean((out - targets) ** 2)
 
 
 def detection_input(scan: str, capacity: int) -> SparseConvTensor:
@@ -78,7 +65,7 @@ def cases(args):
         x = detection_input(args.scan, capacity)
         model = Detector()
         targets = jax.random.normal(jax.random.key(1), (1, 200, 176, HEAD_OUTPUTS))
-        yield "VoxelBackBone8x + head", capacity, model, x, detection_step(model), targets
+        yield "VoxelBackBone8x + head", capacity, model, x, training_step(model, detection_loss), targets
 
 
 def measure(fn, args, repeats: int, voxels: int) -> tuple[float, float]:

@@ -36,6 +36,11 @@ def random_tensor(rng: np.random.Generator, batch_size: int, spatial_shape, chan
     return SparseConvTensor(jnp.asarray(padded), jnp.asarray(indices), spatial_shape, batch_size)
 
 
+def with_raw_features(t: SparseConvTensor, features) -> SparseConvTensor:
+    """``t`` with new features, padding rows as given (``replace_feature`` would zero them)."""
+    return SparseConvTensor(features, t.indices, t.spatial_shape, t.batch_size, t.indice_dict, validate=False)
+
+
 def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     spatial = tuple(range(1, ndim + 1))
     return lax.ConvDimensionNumbers(lhs_spec=(0, ndim + 1) + spatial, rhs_spec=(ndim + 1, ndim) + tuple(range(ndim)),

@@ -143,11 +143,6 @@ def test_empty_and_zero_capacity_inputs(op, rng):
 
 # ---- gradients ------------------------------------------------------------------------------
 
-def _raw(t, features):
-    """``t`` with new features, bypassing replace_feature (which would zero padding rows itself)."""
-    return jsc.SparseConvTensor(features, t.indices, t.spatial_shape, t.batch_size, validate=False)
-
-
 @pytest.mark.parametrize("op", ["add", "cat"])
 @pytest.mark.parametrize("shared", [False, True], ids=["union", "shared"])
 def test_gradients_match_dense_reference(op, shared, rng):
@@ -165,9 +160,9 @@ def test_gradients_match_dense_reference(op, shared, rng):
 
         def loss(*features):
             if shared:  # one indices object, so the shared-rows path is taken
-                combined = OPS[op](*[_raw(tensors[0], f) for f in features])
+                combined = OPS[op](*[T.with_raw_features(tensors[0], f) for f in features])
             else:
-                combined = OPS[op](*[_raw(t, f) for t, f in zip(tensors, features)])
+                combined = OPS[op](*[T.with_raw_features(t, f) for t, f in zip(tensors, features)])
             return jnp.sum(jnp.asarray(w) * combined.dense())
 
         grads = jax.jit(jax.grad(loss, argnums=tuple(range(count))))(*[t.features for t in tensors])
@@ -282,7 +277,7 @@ def test_deterministic(rng):
                 np.testing.assert_array_equal(run.features, runs[0].features)
 
             def loss(features):
-                return jnp.sum(jnp.sin(op(*[_raw(t, f) for t, f in zip(tensors, features)]).features))
+                return jnp.sum(jnp.sin(op(*[T.with_raw_features(t, f) for t, f in zip(tensors, features)]).features))
 
             grad_fn = jax.jit(jax.grad(loss))
             grads = [grad_fn([t.features for t in tensors]) for _ in range(2)]

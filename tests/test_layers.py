@@ -108,8 +108,7 @@ def test_conv_layers_ignore_what_padding_rows_hold(name, backend, rng):
     @jax.jit
     def run(params, features):
         def loss(params, features):
-            y = layer.apply({"params": params}, jsc.SparseConvTensor(features, x.indices, x.spatial_shape,
-                                                                    x.batch_size, x.indice_dict, validate=False))
+            y = layer.apply({"params": params}, T.with_raw_features(x, features))
             return jnp.sum(jnp.sin(y.features)), y.features
         return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, features)
 

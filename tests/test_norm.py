@@ -371,7 +371,7 @@ def test_batch_norm_act_gradients_match_the_formula(relu, with_residual, with_af
         d_features = jax.grad(fused)(*args)
         assert not np.asarray(d_features)[~np.asarray(active)].any()
         # A small step: ReLU's kink within eps of a row's pre-activation would break the
-        # central difference (it did at the default 1e-4 on one seed in 20).
+        # central difference (it did at the default 1e-4 on one CI seed).
         check_grads(jax.jit(fused), args, order=1, modes=["rev"], eps=1e-6)
 
 
