@@ -90,7 +90,7 @@ def _emulated_handlers(monkeypatch):
 # every mode and spatial rank, and channel counts that cross the 16 x 64 x 64 tiles.
 CASES = [
     (SUBM, (6, 7, 5), (3, 3, 3), 1, 0, 1, (8, 5), 2, 0.3),
-    (SUBM, (24, 24, 24), (3, 3, 3), 1, 0, 1, (40, 70), 2, 0.2),
+    (SUBM, (16, 16, 16), (3, 3, 3), 1, 0, 1, (40, 70), 2, 0.2),
     (SUBM, (13, 11), (5, 3), 1, 0, (2, 1), (3, 4), 3, 0.4),
     (SUBM, (4, 5, 4, 3), (3, 3, 3, 3), 1, 0, 1, (17, 33), 1, 0.4),
     (REGULAR, (24, 24, 24), (3, 3, 3), 2, 1, 1, (32, 64), 2, 0.2),

@@ -10,10 +10,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "jsc/dtype.h"
 #include "jsc/ffi_util.h"
 #include "jsc/parallel.h"
@@ -57,61 +53,32 @@ inline int64_t tile_rows_for(int64_t K) {
 
 // The pairs (entries >= 0) of rows [begin, end) of a checked neighbour map
 // nbr [rows, K], grouped by offset: those of offset k are pos(k)[j] (the row
-// minus begin) and src(k)[j] (the entry) for j < count(k), in row order.
-// Rows are compacted one at a time (16 entries per AVX-512 step), then the
-// compacted pairs are bucketed by offset with a counting sort.
+// minus begin) and src(k)[j] (the entry) for j < count(k), in row order. The
+// tile is scanned one offset (column) at a time, which writes each offset's
+// pairs in place: no sort. A -1 entry is written and not counted, so the scan
+// has no branch.
 class TilePairs {
  public:
   void collect(const int32_t* nbr, int64_t K, int64_t begin, int64_t end) {
-    constexpr int64_t kSlack = 16;  // a vector store may run past the pairs
     const int64_t entries = (end - begin) * K;
-    if (static_cast<int64_t>(flat_src_.size()) < entries + kSlack) {
-      for (auto* v : {&flat_src_, &flat_k_, &flat_pos_, &src_, &pos_}) v->resize(entries + kSlack);
+    if (static_cast<int64_t>(src_.size()) < entries) {
+      src_.resize(entries);
+      pos_.resize(entries);
     }
-    // Local pointers: the vector stores may alias anything, members included.
-    int32_t *flat_src = flat_src_.data(), *flat_k = flat_k_.data(), *flat_pos = flat_pos_.data();
-    start_.assign(K + 1, 0);
-    int32_t* count = start_.data() + 1;  // count[k]: pairs of offset k
+    start_.resize(K + 1);
+    // Local pointers: stores through them cannot alias the loop's bounds.
+    int32_t *src = src_.data(), *pos = pos_.data();
     int64_t m = 0;
-#if defined(__AVX512F__)
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t r = begin; r < end; ++r) {
-      const int32_t* row = nbr + r * K;
-      const __m512i pos = _mm512_set1_epi32(static_cast<int32_t>(r - begin));
-      for (int64_t j = 0; j < K; j += 16) {
-        const __mmask16 in_row = K - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - j)) - 1);
-        const __m512i s = _mm512_maskz_loadu_epi32(in_row, row + j);
-        const __mmask16 valid = _mm512_mask_cmpge_epi32_mask(in_row, s, _mm512_setzero_si512());
-        const __m512i k = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j)));
-        _mm512_storeu_si512(flat_src + m, _mm512_maskz_compress_epi32(valid, s));
-        _mm512_storeu_si512(flat_k + m, _mm512_maskz_compress_epi32(valid, k));
-        _mm512_storeu_si512(flat_pos + m, pos);
-        const __m512i c = _mm512_maskz_loadu_epi32(in_row, count + j);
-        _mm512_mask_storeu_epi32(count + j, in_row, _mm512_mask_add_epi32(c, valid, c, _mm512_set1_epi32(1)));
-        m += __builtin_popcount(valid);
+    for (int64_t k = 0; k < K; ++k) {
+      start_[k] = static_cast<int32_t>(m);
+      for (int64_t r = begin; r < end; ++r) {
+        const int32_t e = nbr[r * K + k];
+        src[m] = e;
+        pos[m] = static_cast<int32_t>(r - begin);
+        m += e >= 0;
       }
     }
-#else
-    for (int64_t r = begin; r < end; ++r) {
-      const int32_t* row = nbr + r * K;
-      for (int64_t k = 0; k < K; ++k) {  // branch-free: most entries are -1
-        flat_src[m] = row[k];
-        flat_k[m] = static_cast<int32_t>(k);
-        flat_pos[m] = static_cast<int32_t>(r - begin);
-        count[k] += row[k] >= 0;
-        m += row[k] >= 0;
-      }
-    }
-#endif
-    int32_t* start = start_.data();
-    for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
-    next_.assign(start, start + K);
-    int32_t *next = next_.data(), *pos = pos_.data(), *src = src_.data();
-    for (int64_t i = 0; i < m; ++i) {
-      const int32_t at = next[flat_k[i]]++;
-      pos[at] = flat_pos[i];
-      src[at] = flat_src[i];
-    }
+    start_[K] = static_cast<int32_t>(m);
   }
 
   int64_t count(int64_t k) const { return start_[k + 1] - start_[k]; }
@@ -119,7 +86,7 @@ class TilePairs {
   const int32_t* src(int64_t k) const { return src_.data() + start_[k]; }
 
  private:
-  std::vector<int32_t> start_, next_, pos_, src_, flat_src_, flat_k_, flat_pos_;
+  std::vector<int32_t> start_, pos_, src_;
 };
 
 // Rows x[src[j], :] in the accumulation type Acc, for j < m: pointers into x
