@@ -187,14 +187,17 @@ def op_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_threads: 
     key = jax.random.key(0)
 
     def ours(case, fn, *inputs, flops=None, dense=None):
-        """Times ``fn`` on each backend; returns the ffi output. The timed call returns the
-        output features only, as a layer inside a network makes them: returning the whole
-        tensor from ``jit`` would also copy the rulebooks its input carries."""
+        """Times ``fn`` on each backend; returns the ffi output. Where that is a tensor, the
+        timed call returns its features only, as a layer inside a network makes them:
+        returning the whole tensor from ``jit`` would also copy the rulebooks its input carries."""
+        def made(out):
+            return out.features if isinstance(out, jsc.SparseConvTensor) else out
+
         out = None
         for backend in args.backends:
             call = jax.jit(lambda *a, b=backend: fn(*a, backend=b))
-            features = jax.jit(lambda *a, b=backend: fn(*a, backend=b).features)
-            record(case, backend, median_time(jax_call(features, *inputs), args.repeats), flops=flops, dense=dense)
+            timed = jax.jit(lambda *a, b=backend: made(fn(*a, backend=b)))
+            record(case, backend, median_time(jax_call(timed, *inputs), args.repeats), flops=flops, dense=dense)
             out = call(*inputs) if backend == "ffi" or out is None else out
         return out
 
