@@ -129,7 +129,7 @@ def minkunet_cases(n: int) -> dict:
 
 
 def _on(device, spec):
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)), jax.sharding.PartitionSpec())
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), spec)
 
 

@@ -1,6 +1,7 @@
 """Semantic segmentation of a labeled SemanticKITTI scan with a MinkUNet.
 
     python examples/segmentation.py [--steps 120] [--voxel-size 0.2] [--width 16] [--out-dir example_outputs]
+        [--checkpoint-dir DIR --save-every K] [--metrics PATH]
 
 Trains a MinkUNet-style U-Net (``jax_sparseconv.models.MinkUNet``) on the labeled scan in
 ``../shared/data/semantickitti`` (85,962 points, SemanticKITTI's 19 classes + unlabeled).
@@ -13,11 +14,21 @@ a bird's-eye-view picture of labels vs predictions, with the loss curve, to a PN
 There is one labeled scan, so the IoU is measured on the scan the model trained on: it
 shows the pipeline working and the model fitting, not how it generalises to new scans.
 The small default (120 steps at 0.2 m) takes a few minutes on a 2-core CPU.
+
+``--checkpoint-dir DIR`` saves the training state every ``--save-every`` steps
+(``jax_sparseconv.checkpoint``: parameters, batch statistics, optimizer state, RNG key, data
+position) and, started again with the same DIR, resumes from the newest checkpoint: the steps
+after it are bitwise those of a run that was never interrupted. ``--metrics PATH`` appends one
+JSON line per step (``step``, ``loss`` at full precision, ``overflows``, ``capacity``). A step
+whose voxels or layers overflow their capacity is run again at a larger capacity bucket
+(``jsc.grown_capacity``; each bucket compiles once), never dropped; ``--capacity`` sets the
+first bucket (default: from the scan's voxel count).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import time
 
@@ -30,6 +41,7 @@ from tqdm import tqdm
 
 import jax_sparseconv as jsc
 from jax_sparseconv import models, utils
+from jax_sparseconv.checkpoint import TrainingCheckpoints
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -57,6 +69,11 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=pathlib.Path, default=DATA, help="folder with o3dml_000700_{points,labels}.npy")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("example_outputs"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capacity", type=int, default=None, help="first voxel capacity (default: from the scan)")
+    parser.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
+                        help="save the training state here and resume from the newest checkpoint in it")
+    parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument("--metrics", type=pathlib.Path, default=None, help="append one JSON line per step here")
     return parser.parse_args(argv)
 
 
@@ -147,10 +164,10 @@ def main(argv=None) -> dict:
     points = np.load(points_file).astype(np.float32)
     labels = np.load(labels_file).reshape(-1).astype(np.int32)
 
-    # A static voxel capacity: the scan's voxel count with room for the augmentations
-    # (an overflow is reported by check_overflow, never silent).
+    # A static voxel capacity: the scan's voxel count with room for the augmentations (a step
+    # that overflows it runs again at a larger one).
     num_voxels = len(utils.voxelize(points, args.voxel_size, RANGE)[0])
-    max_voxels = jsc.capacity_bucket(int(1.15 * num_voxels))
+    max_voxels = args.capacity or jsc.capacity_bucket(int(1.15 * num_voxels))
     w = args.width
     model = models.MinkUNet(len(CLASSES), stem_features=w, encoder_features=(w, 2 * w, 4 * w, 4 * w),
                             decoder_features=(4 * w, 4 * w, 2 * w, 2 * w), blocks_per_stage=1,
@@ -163,19 +180,48 @@ def main(argv=None) -> dict:
     variables = jax.jit(model.init)(jax.random.key(args.seed), x)
     params, batch_stats = variables["params"], variables["batch_stats"]
     optimizer = optax.adam(optax.cosine_decay_schedule(args.learning_rate, max(args.steps, 1), alpha=0.05))
-    opt_state = optimizer.init(params)
-    step = make_train_step(model, optimizer, args.voxel_size, max_voxels)
+    # Everything the next step depends on; data_position counts the scans consumed (one scan
+    # here, so the step count).
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": optimizer.init(params),
+             "rng": jax.random.key_data(jax.random.key(args.seed + 1)), "data_position": 0}
+    checkpoints = args.checkpoint_dir and TrainingCheckpoints(args.checkpoint_dir, args.save_every)
+    first = 0
+    if checkpoints:
+        state, first = checkpoints.restore(state)
+        print(f"resumed from the checkpoint of step {first} in {args.checkpoint_dir}" if first else
+              f"no checkpoint in {args.checkpoint_dir}: starting from step 0")
+    steps = {}  # capacity -> jitted step, each compiled once
 
-    losses, keys = [], jax.random.split(jax.random.key(args.seed + 1), args.steps)
+    losses, overflows = [], 0
     start = time.perf_counter()
-    with tqdm(range(args.steps), desc="training", unit="step", disable=None) as progress:  # no bar off a terminal
+    with tqdm(range(first, args.steps), desc="training", unit="step", disable=None) as progress:  # no bar off a terminal
         for i in progress:
-            params, batch_stats, opt_state, loss, overflow = step(params, batch_stats, opt_state, points_d, labels_d,
-                                                                  keys[i])
-            jsc.tensor.raise_if_overflow(overflow, f"training step {i}")
+            rng, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+            step_overflows = 0
+            while True:
+                if max_voxels not in steps:
+                    steps[max_voxels] = make_train_step(model, optimizer, args.voxel_size, max_voxels)
+                *new_state, loss, overflow = steps[max_voxels](state["params"], state["batch_stats"], state["opt_state"],
+                                                  points_d, labels_d, step_key)
+                if not np.any(np.asarray(overflow)[..., 0] > 0):
+                    break
+                step_overflows += 1  # the same step again, at a larger capacity: nothing is dropped
+                max_voxels = jsc.grown_capacity(max_voxels, overflow)
+            overflows += step_overflows
+            state = dict(zip(("params", "batch_stats", "opt_state"), new_state), rng=jax.random.key_data(rng),
+                         data_position=state["data_position"] + 1)
             losses.append(float(loss))
-            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", overflows=overflows, capacity=max_voxels)
+            if args.metrics:
+                with open(args.metrics, "a") as metrics:
+                    print(json.dumps({"step": i, "loss": losses[-1], "overflows": step_overflows,
+                                      "capacity": max_voxels}), file=metrics)
+            if checkpoints:
+                checkpoints.save(i + 1, state)
     train_s = time.perf_counter() - start
+    if checkpoints:
+        checkpoints.close()
+    params, batch_stats = state["params"], state["batch_stats"]
 
     predict = make_predict(model, args.voxel_size, max_voxels)
     predicted, overflow = predict({"params": params, "batch_stats": batch_stats}, points_d, labels_d)
@@ -183,8 +229,9 @@ def main(argv=None) -> dict:
     predicted = np.asarray(predicted)
     iou = per_class_iou(predicted, labels)
 
-    print(f"trained {args.steps} steps in {train_s:.1f} s (first step includes compiling); "
-          f"final loss {losses[-1]:.3f}" if losses else "no training steps")
+    print(f"trained steps {first}..{args.steps - 1} in {train_s:.1f} s (first step includes compiling); "
+          f"final loss {losses[-1]:.3f}; {overflows} overflowed and ran again at capacity {max_voxels}"
+          if losses else "no training steps")
     print(f"{'class':>14} {'points':>7} {'IoU':>6}")
     for c, value in iou.items():
         print(f"{CLASSES[c]:>14} {int(np.sum(labels == c)):>7} {value:>6.3f}")

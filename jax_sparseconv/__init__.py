@@ -20,7 +20,7 @@ from jax_sparseconv.geometry import ConvGeometry, make_geometry
 from jax_sparseconv.rulebook import Rulebook
 from jax_sparseconv.voxels import Voxels, voxelize
 from jax_sparseconv.tensor import (CapacityOverflowError, SparseConvTensor, capacity_bucket, check_overflow,
-                                   checkify_overflow, from_numpy)
+                                   checkify_overflow, from_numpy, grown_capacity)
 
 try:
     __version__ = importlib.metadata.version("jax_sparseconv")
@@ -30,6 +30,6 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 __all__ = [
     "CapacityOverflowError", "ConvGeometry", "Rulebook", "SparseConvTensor", "Voxels", "build_info",
     "capacity_bucket", "check_overflow", "checkify_overflow", "convert", "deserialize", "export", "from_numpy",
-    "functional", "global_avg_pool", "global_max_pool", "make_geometry", "pcd", "sparse_avg_pool",
+    "functional", "global_avg_pool", "global_max_pool", "grown_capacity", "make_geometry", "pcd", "sparse_avg_pool",
     "sparse_conv", "sparse_max_pool", "utils", "voxelize", "voxels",
 ]

@@ -278,6 +278,18 @@ def capacity_bucket(n: int, minimum: int = 256) -> int:
         e += 1
 
 
+def grown_capacity(capacity: int, overflow) -> int:
+    """The capacity bucket to run a batch again at after it overflowed at ``capacity``.
+
+    ``overflow``: the step's overflow record(s) ``[needed, capacity of that op]``. Assumes
+    the ops' capacities scale with the input's (``out_capacity`` fractions, as in
+    ``models``): the result fits the op that overflowed, and is at least the next bucket.
+    """
+    record = np.asarray(overflow).reshape(-1, 2)
+    scale = max((needed / op_capacity for needed, op_capacity in record if needed > 0), default=1.0)
+    return capacity_bucket(max(capacity + 1, math.ceil(capacity * scale)))
+
+
 def from_numpy(features: np.ndarray, indices: np.ndarray, spatial_shape: Sequence[int],
                batch_size: int, capacity: int | None = None) -> SparseConvTensor:
     """A SparseConvTensor from unpadded numpy rows, padded to ``capacity``.

@@ -121,7 +121,8 @@ def tpu_compile():
         pytest.skip("libtpu is not installed (pip install \"jax[tpu]==<jax version>\"): no deviceless TPU compile")
     from jax.experimental import topologies
     device = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    # A one-device mesh (jax.sharding.SingleDeviceSharding is deprecated from jax 0.12.1).
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)), jax.sharding.PartitionSpec())
 
     def compile(function, *args):
         specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
