@@ -39,7 +39,11 @@ class IncompatibleCheckpointError(ValueError):
 def _signature(state) -> dict[str, list]:
     """``{path: [shape, dtype]}`` of every leaf of ``state``."""
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {jax.tree_util.keystr(path): [list(np.shape(leaf)), np.result_type(leaf).name] for path, leaf in leaves}
+    return {jax.tree_util.keystr(path): [list(np.shape(leaf)), _dtype(leaf).name] for path, leaf in leaves}
+
+
+def _dtype(leaf) -> np.dtype:
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype  # Python scalars
 
 
 def _differences(saved: dict[str, list], expected: dict[str, list]) -> list[str]:
