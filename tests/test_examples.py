@@ -1,6 +1,8 @@
 """The examples run at a tiny size (a few steps, coarse voxels), so they cannot rot, and
 what they compute is checked against independent numpy code where it can be."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,28 @@ def assert_png(path: Path):
 
 
 def test_segmentation_trains_and_scores_every_point(shared_data, tmp_path, load_example):
+    """Also: a first capacity far too small (about 9k voxels at 0.5 m) makes step 0 run again
+    at a larger bucket, and a run resumed from the checkpoint of step 2 repeats steps 2 and 3
+    bitwise."""
     shared_data("semantickitti/o3dml_000700_points.npy")
     segmentation = load_example("segmentation")
-    result = segmentation.main(["--steps", "4", "--voxel-size", "0.5", "--width", "8", "--out-dir", str(tmp_path)])
+    checkpoints, metrics = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
+    args = ["--steps", "4", "--voxel-size", "0.5", "--width", "8", "--out-dir", str(tmp_path), "--capacity", "2048",
+            "--checkpoint-dir", str(checkpoints), "--save-every", "2", "--metrics", str(metrics)]
+    result = segmentation.main(args)
     assert len(result["losses"]) == 4 and result["losses"][-1] < result["losses"][0]
     labels = np.load(shared_data("semantickitti/o3dml_000700_labels.npy")).reshape(-1)
     assert set(result["iou"]) == set(np.unique(labels[labels > 0]).tolist())
     assert all(0.0 <= value <= 1.0 for value in result["iou"].values())
     assert_png(result["picture"])
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [r["loss"] for r in records] == result["losses"]
+    assert records[0]["overflows"] >= 1 and records[0]["capacity"] > 2048 and records[1]["overflows"] == 0
+
+    shutil.rmtree(checkpoints / "4")
+    resumed = segmentation.main(args)
+    assert resumed["losses"] == result["losses"][2:]
 
 
 def test_export_serves_the_trained_model_in_a_fresh_process(shared_data, tmp_path, load_example):
