@@ -60,6 +60,7 @@ class CapacityPlan:
         return suggested
 
     def table(self) -> str:
+        """The plan as the command prints it."""
         lines = [f"{len(self.voxels)} scans: input voxels max {self.voxels.max()}, "
                  f"p99 {np.percentile(self.voxels, 99):.0f}, min {self.voxels.min()}",
                  f"{'layer':<28} {'max sites':>10} {'p99':>10} {'max / level above':>18}"]
@@ -154,6 +155,7 @@ def plan_capacities(scans: Sequence[np.ndarray], voxel_size: float, coors_range:
 
 
 def main(argv=None) -> CapacityPlan:
+    """The command line: prints the plan of the scans it is given, and returns it."""
     parser = argparse.ArgumentParser(prog="python -m jax_sparseconv.capacity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scans", nargs="+", help="scan files")

@@ -134,6 +134,7 @@ class TrainingCheckpoints:
         self._manager.reload()
 
     def close(self) -> None:
+        """Waits for the checkpointer and releases it."""
         self._manager.close()
 
     def __enter__(self):
