@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--check", action="store_true",
                         help="compare one step with a single-device step (float32 runs in float64 then)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="first capacity per device (default: from the first batch)")
     parser.add_argument("--processes", type=int, default=1, help="start this many local processes")
     parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 in a multi-process job")
     parser.add_argument("--num-processes", type=int, default=1)
@@ -70,6 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--timeout", type=float, default=1800,
                         help="--processes: seconds to wait for the processes before stopping them")
     args = parser.parse_args(argv)
+    if not 1 <= args.scans <= 16:
+        parser.error(f"--scans: the scan has 16 crop positions, got {args.scans}")
     if args.check and (args.processes > 1 or args.coordinator):
         parser.error("--check compares with one device of one process: run it without --processes/--coordinator")
     return args
@@ -271,8 +275,9 @@ def main():
         return global_max(max(sum(len(scan[0]) for scan in scans) for scans in scans_by_device))
 
     scans = my_scans(0)
-    capacity = jsc.capacity_bucket(int(1.25 * rows_needed(scans)))
-    features, indices, labels = stack_shards(scans, capacity)
+    first_capacity = jsc.capacity_bucket(int(1.25 * rows_needed(scans)))
+    features, indices, labels = stack_shards(scans, first_capacity)  # for init and --check
+    capacity = ARGS.capacity or first_capacity
     if lead:
         print(f"{jax.process_count()} process(es), {len(devices)} devices, global batch {global_batch} crops of "
               f"{ARGS.scans} in the stream, grid {stream.shape}, capacity {capacity} per device, {DTYPE}")
@@ -319,7 +324,7 @@ def main():
         if needed > capacity:  # the batch does not fit: a larger bucket before it runs
             capacity, overflows = jsc.capacity_bucket(needed), 1
         while True:
-            batch = (global_array(a, mesh, mine) for a in stack_shards(scans, capacity))
+            batch = [global_array(a, mesh, mine) for a in stack_shards(scans, capacity)]
             *new_state, loss, _, overflow = step(state["params"], state["batch_stats"], state["opt_state"], *batch)
             if not np.any(np.asarray(overflow)[..., 0] > 0):
                 break
