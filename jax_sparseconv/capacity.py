@@ -23,6 +23,7 @@ import os
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_sparseconv import _layers, pcd, utils
@@ -87,17 +88,25 @@ def load_points(path: str | os.PathLike) -> np.ndarray:
     raise ValueError(f"{path}: unknown scan format (.bin, .pcd.bin, .pcd or .npy)")
 
 
-def _model(name: str):
+MODELS = ("minkunet", "voxelbackbone8x")
+
+
+def _model(name: str, room: float):
+    """The model at tiny widths; ``room`` scales the capacities of levels that can hold
+    more sites than the level above."""
     from jax_sparseconv import models
-    if name == "minkunet":  # the default four levels; every level may keep all sites of the one above
+    if name == "minkunet":  # 2x2x2 stride-2 levels hold at most the sites of the level above
         return models.MinkUNet(2, stem_features=2, encoder_features=(2,) * 4, decoder_features=(2,) * 4,
                                blocks_per_stage=1, out_capacities=(1.0,) * 4)
-    raise ValueError(f"unknown model {name!r} (known: minkunet)")
+    if name == "voxelbackbone8x":  # 3x3x3 stride-2 convs create sites (up to 1.7x the input on KITTI)
+        return models.VoxelBackBone8x(features=(2,) * 5, out_capacities=(2.0 * room, room, room, room))
+    raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
 
 
-def _layer_sites(model, coords: np.ndarray, spatial_shape) -> dict[str, tuple[int, bool]]:
+def _layer_sites(model_name: str, coords: np.ndarray, spatial_shape) -> dict[str, tuple[int, bool]]:
     """``{module path: (active sites, strided)}`` of the outputs of the model's convs that
-    are not submanifold (strided: downsampling, else an inverse conv)."""
+    are not submanifold (strided: creating sites, else an inverse conv), run with capacities
+    that held every site (grown until nothing overflowed)."""
     x = from_numpy(np.zeros((len(coords), 1), np.float32),
                    np.concatenate([np.zeros((len(coords), 1), np.int32), coords], axis=1), spatial_shape, 1)
     strided = set()
@@ -108,14 +117,19 @@ def _layer_sites(model, coords: np.ndarray, spatial_shape) -> dict[str, tuple[in
             strided.add("/".join(module.scope.path))
         return mode != _layers.SUBM
 
-    def forward(x):
+    def forward(model, x):
         variables = model.init(jax.random.key(0), x)
         _, state = model.apply(variables, x, capture_intermediates=changes_sites, mutable=["intermediates"])
         outputs = jax.tree_util.tree_flatten_with_path(
             state["intermediates"], is_leaf=lambda leaf: isinstance(leaf, SparseConvTensor))[0]
-        return {"/".join(str(key.key) for key in path[:-2]): (y.indices[:, 0] >= 0).sum() for path, y in outputs}
-    counts = jax.device_get(jax.jit(forward)(x))
-    return {name: (int(count), name in strided) for name, count in counts.items()}
+        counts = {"/".join(str(key.key) for key in path[:-2]): (y.indices[:, 0] >= 0).sum() for path, y in outputs}
+        return counts, jnp.stack([y.overflow for _, y in outputs])
+
+    for room in (1.0, 2.0, 4.0):
+        counts, overflow = jax.device_get(jax.jit(forward, static_argnums=0)(_model(model_name, room), x))
+        if not np.any(overflow[:, 0] > 0):
+            return {name: (int(count), name in strided) for name, count in counts.items()}
+    raise RuntimeError(f"{model_name}: layers still overflow at 4x their usual capacities: {overflow.tolist()}")
 
 
 def plan_capacities(scans: Sequence[np.ndarray], voxel_size: float, coors_range: Sequence[float] | None = None,
@@ -128,12 +142,12 @@ def plan_capacities(scans: Sequence[np.ndarray], voxel_size: float, coors_range:
         low = np.floor(np.min([s[:, :3].min(axis=0) for s in scans], axis=0))
         high = np.ceil(np.max([s[:, :3].max(axis=0) for s in scans], axis=0)) + voxel_size
         coors_range = (*low, *high)
-    network = _model(model)
+    _model(model, 1.0)  # an unknown name fails before any work
     voxels, sites = [], []
     for points in scans:
         coords, _, shape = utils.voxelize(points, voxel_size, coors_range)
         voxels.append(len(coords))
-        sites.append(_layer_sites(network, coords, shape))
+        sites.append(_layer_sites(model, coords, shape))
     voxels = np.asarray(voxels)
     strided = tuple(name for name, (_, is_strided) in sites[0].items() if is_strided)
 
@@ -162,7 +176,7 @@ def main(argv=None) -> CapacityPlan:
     parser.add_argument("--voxel-size", type=float, required=True, help="voxel edge in metres")
     parser.add_argument("--range", type=float, nargs=6, default=None, metavar=("XMIN", "YMIN", "ZMIN", "XMAX", "YMAX", "ZMAX"),
                         help="the grid (default: the box around all points)")
-    parser.add_argument("--model", default="minkunet", choices=["minkunet"])
+    parser.add_argument("--model", default="minkunet", choices=MODELS)
     parser.add_argument("--buckets", type=int, default=3, help="how many input capacity buckets")
     args = parser.parse_args(argv)
     plan = plan_capacities([load_points(path) for path in args.scans], args.voxel_size, args.range, args.model,

@@ -127,7 +127,10 @@ class TrainingCheckpoints:
             return
         if jax.process_index() == 0:
             for step in unreadable:
-                (self.directory / str(step)).rename(self.directory / f"unreadable-{step}")
+                target, n = self.directory / f"unreadable-{step}", 1
+                while target.exists():  # set aside before, and saved again since
+                    target, n = self.directory / f"unreadable-{step}-{n}", n + 1
+                (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("jax_sparseconv checkpoints set aside")

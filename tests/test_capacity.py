@@ -60,3 +60,24 @@ def test_unknown_inputs_are_named(tmp_path):
         capacity.load_points(tmp_path / "scan.xyz")
     with pytest.raises(ValueError, match="unknown model 'pointnet'"):
         capacity.plan_capacities([np.zeros((4, 3), np.float32)], 0.1, model="pointnet")
+
+
+def test_voxelbackbone8x_counts_the_sites_its_first_strided_conv_creates():
+    rng = np.random.default_rng()
+    scan = rng.uniform([0, 0, 0], [3.2, 3.2, 4.1], size=(2000, 3)).astype(np.float32)
+    box = (0.0, 0.0, 0.0, 3.2, 3.2, 4.1)  # a (41, 32, 32) grid, as deep as KITTI's
+    plan = capacity.plan_capacities([scan], 0.1, box, model="voxelbackbone8x")
+    cells = np.unique(np.floor(scan / 0.1).astype(np.int64)[:, ::-1], axis=0)  # (z, y, x)
+    grid = np.array([41, 32, 32])
+    out_shape = (grid + 2 - 3) // 2 + 1  # kernel 3, stride 2, padding 1
+    # Output o takes input i when i = 2 o - 1 + k, k in 0..2.
+    reached = set()
+    for k in np.ndindex(3, 3, 3):
+        o2 = cells + 1 - np.asarray(k)
+        ok = np.all((o2 % 2 == 0) & (o2 >= 0) & (o2 // 2 < out_shape), axis=1)
+        reached.update(map(tuple, o2[ok] // 2))
+    first = plan.layers[0]
+    assert first.name == plan.strided[0] == "conv2/layers_0/layers_0"
+    assert plan.voxels.tolist() == [len(cells)]
+    assert first.max == len(reached) and first.max_ratio == pytest.approx(len(reached) / len(cells))
+    assert len(plan.strided) == 4

@@ -61,6 +61,10 @@ def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path, capsys)
         _assert_bitwise(checkpoints.restore(_state(0))[0], _state(30))
     _assert_bitwise(restored, _state(2))
     assert (tmp_path / "unreadable-3").is_dir()  # kept for inspection
+    shutil.rmtree(tmp_path / "3" / "state")  # the same step unreadable again
+    with TrainingCheckpoints(tmp_path, save_every=1, keep=3) as checkpoints:
+        assert checkpoints.restore(_state(0))[1] == 2
+    assert (tmp_path / "unreadable-3-1").is_dir()
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
