@@ -85,18 +85,11 @@ def launch_local_processes(args, argv) -> int:
     with socket.socket() as probe:  # a free port for the coordinator
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    child_argv = []
-    skip = False
-    for arg in argv:  # this command line without --processes
-        if skip or arg.startswith("--processes="):
-            skip = False
-            continue
-        skip = arg == "--processes"
-        if not skip:
-            child_argv.append(arg)
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    children = [subprocess.Popen([sys.executable, __file__, *child_argv, "--coordinator", f"127.0.0.1:{port}",
-                                  "--num-processes", str(args.processes), "--process-id", str(i)], env=env)
+    # This command line, each child one process of the job (argparse keeps the last --processes).
+    children = [subprocess.Popen([sys.executable, __file__, *argv, "--processes", "1",
+                                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(args.processes),
+                                  "--process-id", str(i)], env=env)
                 for i in range(args.processes)]
     deadline, status = time.monotonic() + args.timeout, 0
     try:
@@ -290,14 +283,14 @@ def main():
     replicated = NamedSharding(mesh, P())
     params, batch_stats = jax.device_put((variables["params"], variables["batch_stats"]), replicated)
     optimizer = optax.adam(1e-2)
+    init_optimizer = jax.jit(optimizer.init, out_shardings=replicated)  # the step count replicated too
     step = data_parallel_step(model, optimizer, mesh, stream.shape, spd)
 
     if ARGS.check:
         reference_model = model.clone(axis_name=None)
         ref_loss, ref_grads = single_device_loss_and_grads(reference_model, params, batch_stats, features, indices,
                                                            labels, stream.shape, spd)
-        opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
-        *_, loss, grads, _ = step(params, batch_stats, opt_state,
+        *_, loss, grads, _ = step(params, batch_stats, init_optimizer(params),
                                   *(global_array(a, mesh, mine) for a in (features, indices, labels)))
         # bf16 activations round differently when the batch is split: loose bounds there.
         loss_tol, grad_rtol, grad_atol = (1e-10, 1e-8, 1e-10) if CHECK_IN_FLOAT64 else (1e-2, 0.1, 0.05)
@@ -308,8 +301,7 @@ def main():
 
     # Everything the next step depends on: the data order is a function of the seed and the
     # stream position.
-    state = {"params": params, "batch_stats": batch_stats, "opt_state": jax.jit(optimizer.init, out_shardings=replicated)(params),
-             "data_position": 0}
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": init_optimizer(params), "data_position": 0}
     checkpoints = ARGS.checkpoint_dir and TrainingCheckpoints(ARGS.checkpoint_dir, ARGS.save_every)
     first = 0
     if checkpoints:
@@ -326,7 +318,7 @@ def main():
         while True:
             batch = [global_array(a, mesh, mine) for a in stack_shards(scans, capacity)]
             *new_state, loss, _, overflow = step(state["params"], state["batch_stats"], state["opt_state"], *batch)
-            if not np.any(np.asarray(overflow)[..., 0] > 0):
+            if not jsc.tensor.overflowed(overflow):
                 break
             overflows += 1  # a layer overflowed: the same batch again at a larger bucket, nothing dropped
             capacity = jsc.grown_capacity(capacity, overflow)

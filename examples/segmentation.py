@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
                     steps[max_voxels] = make_train_step(model, optimizer, args.voxel_size, max_voxels)
                 *new_state, loss, overflow = steps[max_voxels](state["params"], state["batch_stats"], state["opt_state"],
                                                   points_d, labels_d, step_key)
-                if not np.any(np.asarray(overflow)[..., 0] > 0):
+                if not jsc.tensor.overflowed(overflow):
                     break
                 step_overflows += 1  # the same step again, at a larger capacity: nothing is dropped
                 max_voxels = jsc.grown_capacity(max_voxels, overflow)

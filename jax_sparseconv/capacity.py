@@ -4,8 +4,8 @@
 
 voxelizes each scan (KITTI ``.bin``, nuScenes ``.pcd.bin``, ``.pcd``, or an ``[N, >=3]``
 ``.npy`` of x, y, z first), runs the model (tiny widths: only its sites matter) with room for
-every site, and prints per layer the active sites (max, p99) and their largest ratio to the
-input's, then a few input capacity buckets (few buckets, few compilations) with the fraction
+every site, and prints per layer the active sites (max, p99) and, for the layers that create
+sites, their largest ratio to the level above, then a few input capacity buckets (few buckets, few compilations) with the fraction
 of scans each holds. ``plan_capacities`` returns the same as a ``CapacityPlan``.
 
 Use the plan as: input capacity = the smallest bucket that holds a scan, and each strided

@@ -17,7 +17,7 @@ Saving is atomic (orbax writes a temporary folder and renames it when it is comp
 killed while saving leaves the previous checkpoint usable. ``restore`` tries the newest
 checkpoint first and falls back to the one before when a checkpoint cannot be read, saying
 so on stderr. A checkpoint whose arrays differ from ``initial_state`` (another model or
-optimizer) raises ``ValueError`` naming each array that differs.
+optimizer) raises ``IncompatibleCheckpointError`` (a ValueError) naming each array that differs.
 """
 
 from __future__ import annotations

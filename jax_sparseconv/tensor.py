@@ -38,10 +38,20 @@ def overflow_record(needed, capacity: int) -> jax.Array:
     return jnp.where((needed > capacity)[..., None], record, 0)
 
 
+def _set_records(record) -> np.ndarray:
+    """The set rows ``[needed, capacity]`` of concrete overflow record(s)."""
+    record = np.asarray(record).reshape(-1, 2)
+    return record[record[:, 0] > 0]
+
+
+def overflowed(record) -> bool:
+    """True if a concrete overflow record (or any of a stack of them) is set."""
+    return len(_set_records(record)) > 0
+
+
 def raise_if_overflow(record, what: str = "an op") -> None:
     """Raises CapacityOverflowError if a concrete overflow record is set."""
-    record = np.asarray(record).reshape(-1, 2)
-    bad = record[record[:, 0] > 0]
+    bad = _set_records(record)
     if len(bad):
         needed, capacity = int(bad[:, 0].max()), int(bad[0, 1])
         raise CapacityOverflowError(
@@ -285,8 +295,7 @@ def grown_capacity(capacity: int, overflow) -> int:
     the ops' capacities scale with the input's (``out_capacity`` fractions, as in
     ``models``): the result fits the op that overflowed, and is at least the next bucket.
     """
-    record = np.asarray(overflow).reshape(-1, 2)
-    scale = max((needed / op_capacity for needed, op_capacity in record if needed > 0), default=1.0)
+    scale = max((needed / op_capacity for needed, op_capacity in _set_records(overflow)), default=1.0)
     return capacity_bucket(max(capacity + 1, math.ceil(capacity * scale)))
 
 

@@ -1,6 +1,6 @@
 """jax_sparseconv.checkpoint: exact round trips, the save interval, fallback past an
 unreadable checkpoint, and a clear error for another model's checkpoint; and
-jsc.grown_capacity, which sizes the rerun of an overflowing batch."""
+jsc.grown_capacity and jsc.tensor.overflowed, which decide the rerun of an overflowing batch."""
 
 import shutil
 
@@ -100,3 +100,9 @@ def test_another_models_checkpoint_names_what_differs(tmp_path):
 def test_grown_capacity_fits_what_overflowed(capacity, record, expected):
     grown = jsc.grown_capacity(capacity, np.asarray(record))
     assert grown == expected and grown == jsc.capacity_bucket(grown)
+
+
+@pytest.mark.parametrize("record, expected", [
+    ([0, 0], False), ([[0, 0], [0, 0]], False), ([[0, 0], [900, 512]], True), ([3000, 1024], True)])
+def test_overflowed_reads_one_record_or_a_stack(record, expected):
+    assert jsc.tensor.overflowed(np.asarray(record)) is expected
