@@ -114,7 +114,7 @@ def _batch_norm_act_bwd(options, saved, cotangents):
     # sum(d_y * x_hat) without an x_hat array: XLA (CPU) would compute one while the forward
     # runs and keep it until here, a [capacity, C] array per batch norm (MinkUNet18's step:
     # 28.1 -> 20.4 KiB/voxel of temp memory). The cost: float32 rounding grows with
-    # |mean| / std of the features (d_scale 1.3e-6 relative at mean 10 std 1, 4e-7 before).
+    # |mean| / std of the features (tests/test_norm.py bounds it at mean 10, std 1).
     sum_d_y_x_hat = (jnp.sum(d_y * x, axis=0) - mean * sum_d_y) * inv_std
     d_scale = None if scale is None else sum_d_y_x_hat.astype(scale.dtype)
     d_bias = None if bias is None else sum_d_y.astype(bias.dtype)

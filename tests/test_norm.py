@@ -375,6 +375,28 @@ def test_batch_norm_act_gradients_match_the_formula(relu, with_residual, with_af
         check_grads(jax.jit(fused), args, order=1, modes=["rev"], eps=1e-6)
 
 
+@pytest.mark.parametrize("mean, bound", [(0.0, 1e-6), (10.0, 5e-6)])
+def test_batch_norm_act_float32_gradients_stay_accurate_off_centre(mean, bound, rng):
+    """The float32 backward forms sum(d_y * x_hat) from sum(d_y * x), so its rounding grows
+    with |mean| / std of the features: measured against float64, d_features and d_scale stay
+    within ``bound`` of the largest entry (at mean 10, std 1: about 1.3e-6 for d_scale)."""
+    rows, channels = 50_000, 32
+    x = (mean + rng.normal(size=(rows, channels))).astype(np.float32)
+    g = rng.normal(size=(rows, channels)).astype(np.float32)
+    active = jnp.arange(rows) < rows - 1000
+    scale, bias = rng.normal(size=channels).astype(np.float32), rng.normal(size=channels).astype(np.float32)
+
+    def loss(x, scale, bias):
+        y, _, _ = N.batch_norm_act(x, active, scale, bias, 1e-3, relu=True)
+        return jnp.sum(y * g.astype(x.dtype))
+
+    got = jax.grad(loss, argnums=(0, 1))(x, scale, bias)
+    with jax.enable_x64():
+        want = [np.asarray(w) for w in jax.grad(loss, argnums=(0, 1))(*(np.float64(a) for a in (x, scale, bias)))]
+    for a, b in zip(got, want):
+        assert np.max(np.abs(np.asarray(a, np.float64) - b)) <= bound * np.max(np.abs(b))
+
+
 def test_residual_block_norm_matches_the_unfused_layers(rng):
     """``SparseBatchNorm(residual=, relu=True)`` equals batch norm, ``sparse_add`` and ReLU."""
     x = _tensor(rng, 2, 4)

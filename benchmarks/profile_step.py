@@ -1,0 +1,68 @@
+"""Where a MinkUNet18 training step spends its time, from a ``jax.profiler`` trace.
+
+    python benchmarks/profile_step.py [--capacity 81920]
+
+Runs bench_train's MinkUNet18 step (KITTI ``000000`` at 0.05 m, loss, gradients, Adam) once to
+compile, traces one more run, and prints the thread time of XLA's CPU thunks summed over all
+of XLA's threads: native kernels by custom-call target (``jsc_gather_matmul_v1`` runs both the
+forward and the input gradient of a conv, ``jsc_gather_matmul_grad_v1`` its kernel gradient),
+the rest by fusion kind. Thread time, not wall time: XLA runs independent thunks side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+
+from bench_cpu import DATA, FULL_RANGE, NUM_CLASSES, training_step  # noqa: E402
+from jax_sparseconv import models  # noqa: E402
+from jax_sparseconv.utils import kitti_tensor  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--capacity", type=int, default=81920)
+    args = parser.parse_args()
+    x = kitti_tensor([DATA / "000000.bin"], 0.05, FULL_RANGE, capacity=args.capacity)
+    labels = jax.random.randint(jax.random.key(1), (x.capacity,), 0, NUM_CLASSES)
+    model = models.MinkUNet(NUM_CLASSES)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    params = variables["params"]
+    step = training_step(model)
+    step_args = (params, variables["batch_stats"], optax.adam(1e-3).init(params), x, labels)
+    targets = dict(re.findall(r"%(\S+) = .*?custom_call_target=\"([^\"]+)\"",
+                              step.lower(*step_args).compile().as_text()))
+    jax.block_until_ready(step(*step_args))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            jax.block_until_ready(step(*step_args))
+        profile = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    seconds, calls = collections.Counter(), collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):  # XLA's CPU threads
+                continue
+            for event in line.events:
+                if event.name.startswith("ThunkExecutor") or event.name.startswith("end:"):
+                    continue
+                kind = targets.get(event.name) or re.sub(r"[.\d]+$", "", event.name)
+                seconds[kind] += event.duration_ns / 1e9
+                calls[kind] += 1
+    total = sum(seconds.values())
+    print(f"{int(x.num_active)} voxels, capacity {x.capacity}; thread time {total:.2f} s")
+    print("| thunk | calls | thread s | share |\n|---|---|---|---|")
+    for kind, value in seconds.most_common(12):
+        print(f"| {kind} | {calls[kind]} | {value:.2f} | {value / total:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
