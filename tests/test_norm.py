@@ -385,6 +385,11 @@ def test_batch_norm_act_float32_gradients_stay_accurate_off_centre(mean, bound, 
     g = rng.normal(size=(rows, channels)).astype(np.float32)
     active = jnp.arange(rows) < rows - 1000
     scale, bias = rng.normal(size=channels).astype(np.float32), rng.normal(size=channels).astype(np.float32)
+    # Rows whose pre-activation is near ReLU's kink may switch sides between float32 and float64
+    # (one did on a CI seed); they get no cotangent, so the comparison measures the formula only.
+    x64, valid = np.float64(x), np.asarray(active)
+    mean64, std64 = x64[valid].mean(0), np.sqrt(x64[valid].var(0) + 1e-3)
+    g[np.abs((x64 - mean64) / std64 * scale + bias) < 1e-3] = 0
 
     def loss(x, scale, bias):
         y, _, _ = N.batch_norm_act(x, active, scale, bias, 1e-3, relu=True)
