@@ -62,6 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--capacity", type=int, default=None,
                         help="first capacity per device (default: from the first batch)")
+    parser.add_argument("--out-capacities", type=lambda s: tuple(map(float, s.split(","))), default=(1.0, 1.0, 1.0),
+                        help="capacities of the 3 downsampled levels as fractions of the input's, e.g. 1,1,1")
     parser.add_argument("--processes", type=int, default=1, help="start this many local processes")
     parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 in a multi-process job")
     parser.add_argument("--num-processes", type=int, default=1)
@@ -74,6 +76,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 1 <= args.scans <= 16:
         parser.error(f"--scans: the scan has 16 crop positions, got {args.scans}")
+    if len(args.out_capacities) != 3:
+        parser.error(f"--out-capacities: 3 fractions, one per downsampled level, got {len(args.out_capacities)}")
     if args.check and (args.processes > 1 or args.coordinator):
         parser.error("--check compares with one device of one process: run it without --processes/--coordinator")
     return args
@@ -276,7 +280,7 @@ def main():
               f"{ARGS.scans} in the stream, grid {stream.shape}, capacity {capacity} per device, {DTYPE}")
 
     model = models.MinkUNet(NUM_CLASSES, stem_features=16, encoder_features=(16, 32, 32),
-                            decoder_features=(32, 32, 16), blocks_per_stage=1, out_capacities=(1.0, 1.0, 1.0),
+                            decoder_features=(32, 32, 16), blocks_per_stage=1, out_capacities=ARGS.out_capacities,
                             axis_name="data", dtype=DTYPE, param_dtype=PARAM_DTYPE)
     local = jsc.SparseConvTensor(features[0], indices[0], stream.shape, spd)
     variables = jax.jit(model.init)(jax.random.key(ARGS.seed), local)  # the same on every process

@@ -1,8 +1,13 @@
 """jax_sparseconv.checkpoint: exact round trips, the save interval, fallback past an
-unreadable checkpoint, and a clear error for another model's checkpoint; and
-jsc.grown_capacity and jsc.tensor.overflowed, which decide the rerun of an overflowing batch."""
+unreadable checkpoint, the previous checkpoint kept by a process killed while saving, and a
+clear error for another model's checkpoint; and jsc.grown_capacity and jsc.tensor.overflowed,
+which decide the rerun of an overflowing batch."""
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +111,41 @@ def test_grown_capacity_fits_what_overflowed(capacity, record, expected):
     ([0, 0], False), ([[0, 0], [0, 0]], False), ([[0, 0], [900, 512]], True), ([3000, 1024], True)])
 def test_overflowed_reads_one_record_or_a_stack(record, expected):
     assert jsc.tensor.overflowed(np.asarray(record)) is expected
+
+
+_SAVE_THEN_SAVE_BIG = """
+import sys
+import jax.numpy as jnp
+from jax_sparseconv.checkpoint import TrainingCheckpoints
+with TrainingCheckpoints(sys.argv[1], save_every=1) as checkpoints:
+    checkpoints.save(1, {"w": jnp.full((4,), 1.0)})
+    print("saved 1", flush=True)
+    big = {"w": jnp.full((4,), 2.0), **{f"b{i}": jnp.arange(2**22, dtype=jnp.float32) + i for i in range(48)}}
+    while True:  # saves until killed, so the kill lands in a save
+        checkpoints.save(2, big)
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL during orbax's write of step 2 (768 MiB, while its temporary directory
+    exists): the directory still restores, to step 1, bitwise."""
+    process = subprocess.Popen([sys.executable, "-c", _SAVE_THEN_SAVE_BIG, str(tmp_path)], stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert process.stdout.readline() == "saved 1\n"
+        deadline = time.monotonic() + 120
+        while not any("tmp" in p.name for p in tmp_path.iterdir()):  # orbax writes step 2 under a temporary name
+            assert process.poll() is None and time.monotonic() < deadline, "the save of step 2 did not start"
+            time.sleep(0.005)
+        time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    assert not (tmp_path / "2").exists(), "the kill came after step 2's save finished: make the state larger"
+    with TrainingCheckpoints(tmp_path, save_every=1) as checkpoints:
+        restored, step = checkpoints.restore({"w": jnp.zeros((4,))})
+        assert step == 1
+        _assert_bitwise(restored, {"w": jnp.full((4,), 1.0)})
+        assert checkpoints.save(2, {"w": jnp.full((4,), 3.0)})  # and step 2 saves again over the remains
+        _assert_bitwise(checkpoints.restore({"w": jnp.zeros((4,))})[0], {"w": jnp.full((4,), 3.0)})
