@@ -21,9 +21,11 @@ import jaxlib
 
 
 # The XLA FFI targets every compiled module registers, with their version suffix: exported
-# programs name them, so they are kept as they are (README, "Export and serve").
+# programs name them, so they are kept as they are (README, "Export and serve"). The _v2
+# convolution targets take offset-leading neighbour maps; programs exported before them
+# call the _v1 ones.
 TARGETS = ("jsc_build_rulebook_v1", "jsc_gather_matmul_v1", "jsc_gather_matmul_grad_v1", "jsc_gather_sum_v1",
-           "jsc_gather_max_v1", "jsc_gather_max_grad_v1")
+           "jsc_gather_max_v1", "jsc_gather_max_grad_v1", "jsc_gather_matmul_v2", "jsc_gather_matmul_grad_v2")
 
 
 def _import(name: str):

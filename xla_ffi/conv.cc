@@ -1,7 +1,8 @@
 // Convolution kernels on the CPU: gather rows along a neighbour map, multiply
 // by the kernel slice of each offset, accumulate (see rulebook.py).
-//   GatherMatmul:     out[r] = sum_k x[nbr[r, k]] @ w[k]   (forward, input grad)
-//   GatherMatmulGrad: dw[k] = sum_r x[nbr[r, k]]^T g[r]    (kernel grad)
+//   GatherMatmul:     out[r] = sum_k x[nbr[k, r]] @ w[k]   (forward, input grad)
+//   GatherMatmulGrad: dw[k] = sum_r x[nbr[k, r]]^T g[r]    (kernel grad)
+// with offset-leading maps nbr [K, M]; the V1 handlers take them [M, K].
 // Work is proportional to the valid pairs; -1 entries cost one comparison.
 // Each output element is produced by one task in a fixed order: results do
 // not depend on the number of threads.
@@ -120,7 +121,7 @@ void accumulate_rows(const Acc* const* a, int64_t m, const Acc* w, int64_t cin,
 template <typename T>
 void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
                    const T* w_in, int64_t K, int64_t cout, const int32_t* nbr,
-                   int64_t rows, typename Accum<T>::type* out) {
+                   MapLayout layout, int64_t rows, typename Accum<T>::type* out) {
   using Acc = typename Accum<T>::type;
   std::vector<Acc> w(K * cin * cout);
   for (size_t e = 0; e < w.size(); ++e) w[e] = static_cast<Acc>(to_float(w_in[e]));
@@ -132,7 +133,7 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
     const int64_t end = std::min(rows, begin + tile_rows);
     Acc* acc = out + begin * cout;
     std::fill(acc, acc + (end - begin) * cout, Acc(0));
-    pairs.collect(nbr, K, begin, end);
+    pairs.collect(nbr, layout, K, begin, end);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t m = pairs.count(k);
       if (m == 0) continue;
@@ -195,7 +196,7 @@ void accumulate_outer(const Acc* const* a, const Acc* const* g, int64_t m, int64
 template <typename T>
 void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
                         const T* g, int64_t cout, const int32_t* nbr,
-                        int64_t rows, int64_t K,
+                        MapLayout layout, int64_t rows, int64_t K,
                         typename Accum<T>::type* dw) {
   using Acc = typename Accum<T>::type;
   const int64_t size = K * cin * cout;
@@ -214,7 +215,7 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
     const int64_t last = std::min(tiles, (chunk + 1) * tiles_per_chunk);
     for (int64_t tile = chunk * tiles_per_chunk; tile < last; ++tile) {
       const int64_t begin = tile * tile_rows;
-      pairs.collect(nbr, K, begin, std::min(rows, begin + tile_rows));
+      pairs.collect(nbr, layout, K, begin, std::min(rows, begin + tile_rows));
       for (int64_t k = 0; k < K; ++k) {
         const int64_t m = pairs.count(k);
         if (m == 0) continue;
@@ -234,11 +235,13 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
 }
 
 // allow_tf32 is ignored: products on the CPU are always full float32.
+// OffsetsLeading: nbr [K, M] (the _v2 targets), else [M, K] (_v1).
+template <bool OffsetsLeading>
 ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                             ffi::AnyBuffer w, ffi::Buffer<ffi::S32> nbr,
                             ffi::Result<ffi::AnyBuffer> out, int64_t /*allow_tf32*/) {
   MatmulDims d{};
-  if (auto err = check_gather_matmul(x, w, nbr, *out, &d); err.failure()) return err;
+  if (auto err = check_gather_matmul(x, w, nbr, *out, OffsetsLeading, &d); err.failure()) return err;
   const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
   if (auto err = check_neighbours(pool, nbr.typed_data(), rows * K, n, "nbr");
       err.failure())
@@ -248,16 +251,17 @@ ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     using Acc = typename Accum<T>::type;
     gather_matmul(pool, reinterpret_cast<const T*>(x.untyped_data()), cin,
                   reinterpret_cast<const T*>(w.untyped_data()), K, cout,
-                  nbr.typed_data(), rows,
+                  nbr.typed_data(), MapLayout::make(OffsetsLeading, rows, K), rows,
                   reinterpret_cast<Acc*>(out->untyped_data()));
   });
 }
 
+template <bool OffsetsLeading>
 ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                                 ffi::AnyBuffer g, ffi::Buffer<ffi::S32> nbr,
                                 ffi::Result<ffi::AnyBuffer> dw, int64_t /*allow_tf32*/) {
   MatmulDims d{};
-  if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, &d); err.failure())
+  if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, OffsetsLeading, &d); err.failure())
     return err;
   const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
   if (auto err = check_neighbours(pool, nbr.typed_data(), rows * K, n, "nbr");
@@ -268,17 +272,21 @@ ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     using Acc = typename Accum<T>::type;
     gather_matmul_grad(pool, reinterpret_cast<const T*>(x.untyped_data()), cin,
                        reinterpret_cast<const T*>(g.untyped_data()), cout,
-                       nbr.typed_data(), rows, K,
+                       nbr.typed_data(), MapLayout::make(OffsetsLeading, rows, K), rows, K,
                        reinterpret_cast<Acc*>(dw->untyped_data()));
   });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulV1, GatherMatmulImpl<false>,
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl<true>,
                               signature::gather_matmul(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGradV1, GatherMatmulGradImpl<false>,
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl<true>,
                               signature::gather_matmul(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 }  // namespace jsc

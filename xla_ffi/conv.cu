@@ -1,6 +1,7 @@
 // Convolution kernels on a GPU, with the semantics of conv.cc:
-//   GatherMatmul:     out[r] = sum_k x[nbr[r, k]] @ w[k]   (forward, input grad)
-//   GatherMatmulGrad: dw[k] = sum_r x[nbr[r, k]]^T g[r]    (kernel grad)
+//   GatherMatmul:     out[r] = sum_k x[nbr[k, r]] @ w[k]   (forward, input grad)
+//   GatherMatmulGrad: dw[k] = sum_r x[nbr[k, r]]^T g[r]    (kernel grad)
+// with offset-leading maps nbr [K, M]; the V1 handlers take them [M, K].
 // Both are implicit GEMMs on 64 x 64 output tiles: rows are gathered through
 // the neighbour map into shared memory, 16 reduction steps at a time, and
 // multiplied there. bfloat16 and float16 use tensor cores (wmma, float32
@@ -194,7 +195,7 @@ __device__ __forceinline__ int32_t row_at(const int32_t* order, int64_t i) {
 template <typename T, typename Tile>
 __global__ void __launch_bounds__(kTileThreads)
 gather_matmul_kernel(const T* x, int64_t n, int64_t cin, const T* w, int64_t K,
-                     int64_t cout, const int32_t* nbr, int64_t rows,
+                     int64_t cout, const int32_t* nbr, MapLayout layout, int64_t rows,
                      const int32_t* order, typename Tile::Out* out) {
   using In = typename Tile::In;
   __shared__ __align__(32) In a[kBK][kPitch];
@@ -214,7 +215,7 @@ gather_matmul_kernel(const T* x, int64_t n, int64_t cin, const T* w, int64_t K,
     int found = 0;
     if (threadIdx.x < kBM) {
       const int32_t r = dst[threadIdx.x];
-      const int32_t s = r >= 0 ? safe_row(nbr[static_cast<int64_t>(r) * K + k], n) : -1;
+      const int32_t s = r >= 0 ? safe_row(nbr[layout.at(r, k)], n) : -1;
       src[threadIdx.x] = s;
       found = s >= 0;
     }
@@ -245,7 +246,7 @@ gather_matmul_kernel(const T* x, int64_t n, int64_t cin, const T* w, int64_t K,
 template <typename T, typename Tile>
 __global__ void __launch_bounds__(kTileThreads)
 gather_matmul_grad_kernel(const T* x, int64_t n, int64_t cin, const T* g,
-                          int64_t cout, const int32_t* nbr, int64_t rows,
+                          int64_t cout, const int32_t* nbr, MapLayout layout, int64_t rows,
                           const int32_t* order, int64_t K, int64_t rows_per_split,
                           int64_t col_tiles, typename Tile::Out* partial) {
   using In = typename Tile::In;
@@ -265,7 +266,7 @@ gather_matmul_grad_kernel(const T* x, int64_t n, int64_t cin, const T* g,
     int found = 0;
     if (threadIdx.x < kBK) {
       const int32_t r = r0 + threadIdx.x < end ? row_at(order, r0 + threadIdx.x) : -1;
-      const int32_t s = r >= 0 ? safe_row(nbr[static_cast<int64_t>(r) * K + k], n) : -1;
+      const int32_t s = r >= 0 ? safe_row(nbr[layout.at(r, k)], n) : -1;
       grow[threadIdx.x] = r;
       src[threadIdx.x] = s;
       found = s >= 0;
@@ -305,23 +306,23 @@ constexpr int64_t kMaxGridYZ = 65535;
 
 // masks[r]: bit k set where row r of nbr has a neighbour through offset k;
 // identity[r] = r.
-__global__ void neighbour_masks(const int32_t* nbr, int64_t n, int64_t rows, int64_t K,
-                                uint64_t* masks, int32_t* identity) {
+__global__ void neighbour_masks(const int32_t* nbr, MapLayout layout, int64_t n, int64_t rows,
+                                int64_t K, uint64_t* masks, int32_t* identity) {
   const int64_t r = thread_index();
   if (r >= rows) return;
   uint64_t mask = 0;
   for (int64_t k = 0; k < K; ++k) {
-    mask |= static_cast<uint64_t>(safe_row(nbr[r * K + k], n) >= 0) << k;
+    mask |= static_cast<uint64_t>(safe_row(nbr[layout.at(r, k)], n) >= 0) << k;
   }
   masks[r] = mask;
   identity[r] = static_cast<int32_t>(r);
 }
 
-// *order: the rows of nbr [rows, K] sorted stably by their neighbour masks
+// *order: the rows of nbr sorted stably by their neighbour masks
 // (in scratch memory), or nullptr (rows in order) where the masks do not fit
 // 64 bits or one tile holds every row.
-ffi::Error mask_order(cudaStream_t stream, Scratch& scratch, const int32_t* nbr, int64_t n,
-                      int64_t rows, int64_t K, const int32_t** order) {
+ffi::Error mask_order(cudaStream_t stream, Scratch& scratch, const int32_t* nbr, MapLayout layout,
+                      int64_t n, int64_t rows, int64_t K, const int32_t** order) {
   *order = nullptr;
   if (K > 64 || rows <= kBM || rows > INT32_MAX) return ffi::Error::Success();
   uint64_t *masks = nullptr, *sorted_masks = nullptr;
@@ -341,21 +342,24 @@ ffi::Error mask_order(cudaStream_t stream, Scratch& scratch, const int32_t* nbr,
                    allocate(scratch, static_cast<int64_t>(temp_bytes), &temp)}) {
     if (err.failure()) return err;
   }
-  launch(stream, rows, neighbour_masks, nbr, n, rows, K, masks, identity);
+  launch(stream, rows, neighbour_masks, nbr, layout, n, rows, K, masks, identity);
   if (auto err = sort(); err.failure()) return err;
   *order = sorted;
   return ffi::Error::Success();
 }
 
+// OffsetsLeading: nbr [K, M] (the _v2 targets), else [M, K] (_v1).
+template <bool OffsetsLeading>
 ffi::Error GatherMatmulImpl(cudaStream_t stream, Scratch scratch, ffi::AnyBuffer x,
                             ffi::AnyBuffer w, ffi::Buffer<ffi::S32> nbr,
                             ffi::Result<ffi::AnyBuffer> out, int64_t allow_tf32) {
   MatmulDims d{};
-  if (auto err = check_gather_matmul(x, w, nbr, *out, &d); err.failure()) return err;
+  if (auto err = check_gather_matmul(x, w, nbr, *out, OffsetsLeading, &d); err.failure()) return err;
+  const MapLayout layout = MapLayout::make(OffsetsLeading, d.rows, d.K);
   if (ceil_div(d.cout, kBN) > kMaxGridYZ) return invalid("gather_matmul: Cout too large for a GPU grid");
   const int32_t* order = nullptr;
   if (d.cout > 0) {
-    if (auto err = mask_order(stream, scratch, nbr.typed_data(), d.n, d.rows, d.K, &order);
+    if (auto err = mask_order(stream, scratch, nbr.typed_data(), layout, d.n, d.rows, d.K, &order);
         err.failure())
       return err;
   }
@@ -369,7 +373,7 @@ ffi::Error GatherMatmulImpl(cudaStream_t stream, Scratch scratch, ffi::AnyBuffer
       launch_grid(stream, grid, kTileThreads, gather_matmul_kernel<T, Tile>,
                   reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
                   reinterpret_cast<const T*>(w.untyped_data()), d.K, d.cout,
-                  nbr.typed_data(), d.rows, order,
+                  nbr.typed_data(), layout, d.rows, order,
                   reinterpret_cast<typename Tile::Out*>(out->untyped_data()));
     });
   });
@@ -384,17 +388,19 @@ int64_t grad_splits(int64_t tiles, int64_t K, int64_t rows) {
   return std::clamp<int64_t>(std::min(want, ceil_div(rows, 256)), 1, 64);
 }
 
+template <bool OffsetsLeading>
 ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
                                 Scratch scratch, ffi::AnyBuffer x,
                                 ffi::AnyBuffer g, ffi::Buffer<ffi::S32> nbr,
                                 ffi::Result<ffi::AnyBuffer> dw, int64_t allow_tf32) {
   MatmulDims d{};
-  if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, &d); err.failure())
+  if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, OffsetsLeading, &d); err.failure())
     return err;
+  const MapLayout layout = MapLayout::make(OffsetsLeading, d.rows, d.K);
   if (d.K > kMaxGridYZ) return invalid("gather_matmul_grad: kernel volume too large for a GPU grid");
   const int32_t* order = nullptr;
   if (d.K * d.cin * d.cout > 0) {
-    if (auto err = mask_order(stream, scratch, nbr.typed_data(), d.n, d.rows, d.K, &order);
+    if (auto err = mask_order(stream, scratch, nbr.typed_data(), layout, d.n, d.rows, d.K, &order);
         err.failure())
       return err;
   }
@@ -421,7 +427,7 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
       static_assert(std::is_same_v<typename Tile::Out, Out>);
       launch_grid(stream, grid, kTileThreads, gather_matmul_grad_kernel<T, Tile>,
                   reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
-                  reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(),
+                  reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(), layout,
                   d.rows, order, d.K, std::max<int64_t>(rows_per_split, kBK), col_tiles,
                   partial);
     });
@@ -434,14 +440,15 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl,
-                              signature::gather_matmul(ffi::Ffi::Bind()
-                                                       .Ctx<Stream>()
-                                                       .Ctx<Scratch>()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl,
-                              signature::gather_matmul(ffi::Ffi::Bind()
-                                                       .Ctx<Stream>()
-                                                       .Ctx<Scratch>()));
+#define JSC_CUDA_CONV_HANDLER(name, impl)                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                \
+                                signature::gather_matmul(ffi::Ffi::Bind()  \
+                                                         .Ctx<Stream>()    \
+                                                         .Ctx<Scratch>()))
+JSC_CUDA_CONV_HANDLER(GatherMatmulV1, GatherMatmulImpl<false>);
+JSC_CUDA_CONV_HANDLER(GatherMatmul, GatherMatmulImpl<true>);
+JSC_CUDA_CONV_HANDLER(GatherMatmulGradV1, GatherMatmulGradImpl<false>);
+JSC_CUDA_CONV_HANDLER(GatherMatmulGrad, GatherMatmulGradImpl<true>);
+#undef JSC_CUDA_CONV_HANDLER
 
 }  // namespace jsc::gpu

@@ -4,10 +4,10 @@ the platforms "cpu" and "CUDA", so one ``ffi_call`` serves both).
 
 Rulebooks are built from 64-bit site keys (sorted on the CPU, a hash table on the
 GPU); the feature kernels gather along the neighbour maps in row tiles on XLA's CPU
-thread pool. The handlers take and give neighbour maps row-major (``[M, K]``); the
-functions here transpose them to and from the rulebook's offset-leading ``[K, M]`` (in
-one program XLA cancels each pair of transposes). Every
-function matches the signature, dtypes and results of its twin in ``xla.py``.
+thread pool. The convolution handlers (``_v2`` targets) take the rulebook's
+offset-leading neighbour maps ``[K, M]`` as they are; the rulebook builder and the pooling
+handlers give and take them row-major (``[M, K]``), and the functions here transpose (in
+one program XLA cancels each pair of transposes). Every function matches the signature, dtypes and results of its twin in ``xla.py``.
 Features may be float32, float64, bfloat16 or float16 (float32 accumulation for
 the half types).
 """
@@ -60,14 +60,15 @@ def _i64(values) -> np.ndarray:
 # kernel gradient, whose sum must stay per item, fall back to one call per item.
 
 def _shift(nbr: jax.Array, rows: int) -> jax.Array:
-    """``nbr [V, M, K]`` with item v's entries moved to rows ``v * rows ...`` (-1 stays)."""
+    """``nbr [V, ...]`` with item v's entries moved to rows ``v * rows ...`` (-1 stays)."""
     shift = (jnp.arange(nbr.shape[0], dtype=jnp.int32) * rows)[:, None, None]
     return jnp.where(nbr >= 0, nbr + shift, -1)
 
 
-def _row_kernel(fn, num_gathered: int):
-    """``fn(*gathered, *shared, nbr)``, whose outputs have one row per ``nbr`` row and read
-    the ``gathered`` arrays at the rows ``nbr`` names, with a vmap rule that folds."""
+def _row_kernel(fn, num_gathered: int, offsets_leading: bool = False):
+    """``fn(*gathered, *shared, nbr)``, whose outputs have one row per ``nbr`` row (``nbr``
+    ``[M, K]``, or ``[K, M]`` where ``offsets_leading``) and read the ``gathered`` arrays
+    at the rows ``nbr`` names, with a vmap rule that folds."""
     kernel = jax.custom_batching.custom_vmap(fn)
 
     @kernel.def_vmap
@@ -84,7 +85,11 @@ def _row_kernel(fn, num_gathered: int):
                         for a, b in zip(gathered, in_batched)]
             gathered = [a.reshape(axis_size * rows, *a.shape[2:]) for a in gathered]
             nbr = _shift(nbr, rows)
-        out = kernel(*gathered, *shared, nbr.reshape(-1, nbr.shape[-1]))
+        if offsets_leading:  # [V, K, M] -> [K, V * M]
+            nbr = jnp.moveaxis(nbr, 0, 1).reshape(nbr.shape[1], -1)
+        else:
+            nbr = nbr.reshape(-1, nbr.shape[-1])
+        out = kernel(*gathered, *shared, nbr)
         out = jax.tree_util.tree_map(lambda o: o.reshape(axis_size, -1, *o.shape[1:]), out)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
@@ -170,13 +175,13 @@ def allows_tf32(precision) -> bool:
 
 
 def _gather_matmul(x, w, nbr, allow_tf32):
-    out = jax.ShapeDtypeStruct((nbr.shape[0], w.shape[2]), accumulator(x.dtype))
-    return _call("jsc_gather_matmul_v1", out)(x, w.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
+    out = jax.ShapeDtypeStruct((nbr.shape[1], w.shape[2]), accumulator(x.dtype))
+    return _call("jsc_gather_matmul_v2", out)(x, w.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
 
 
 def _gather_matmul_grad(x, g, nbr, allow_tf32):
-    out = jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], g.shape[1]), accumulator(x.dtype))
-    return _call("jsc_gather_matmul_grad_v1", out)(x, g.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
+    out = jax.ShapeDtypeStruct((nbr.shape[0], x.shape[1], g.shape[1]), accumulator(x.dtype))
+    return _call("jsc_gather_matmul_grad_v2", out)(x, g.astype(x.dtype), nbr, allow_tf32=np.int64(allow_tf32))[0]
 
 
 def _gather_sum(x, nbr):
@@ -196,7 +201,8 @@ def _gather_max_grad(g, argk, in_nbr):
     return _call("jsc_gather_max_grad_v1", out)(g, argk, in_nbr)[0].astype(g.dtype)
 
 
-_gather_matmul_folding = {tf32: _row_kernel(functools.partial(_gather_matmul, allow_tf32=tf32), num_gathered=1)
+_gather_matmul_folding = {tf32: _row_kernel(functools.partial(_gather_matmul, allow_tf32=tf32), num_gathered=1,
+                                             offsets_leading=True)
                           for tf32 in (False, True)}
 _gather_sum_folding = _row_kernel(_gather_sum, num_gathered=1)
 _gather_max_folding = _row_kernel(_gather_max, num_gathered=1)
@@ -209,7 +215,7 @@ def gather_matmul(x, w, nbr, precision=None):
     ``precision``: on a CUDA GPU, float32 products use TF32 tensor cores where
     ``allows_tf32(precision)``; on the CPU they are always full float32.
     """
-    return _gather_matmul_folding[allows_tf32(precision)](x, w, nbr.T)
+    return _gather_matmul_folding[allows_tf32(precision)](x, w, nbr)
 
 
 def gather_matmul_grad(x, g, nbr, precision=None):
@@ -218,7 +224,7 @@ def gather_matmul_grad(x, g, nbr, precision=None):
     Under vmap it runs once per item (the sums must stay per item): the handler's own
     "sequential" batching. ``precision`` as in ``gather_matmul``.
     """
-    return _gather_matmul_grad(x, g, nbr.T, allows_tf32(precision))
+    return _gather_matmul_grad(x, g, nbr, allows_tf32(precision))
 
 
 def gather_sum(x, nbr):

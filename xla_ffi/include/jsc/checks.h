@@ -49,36 +49,39 @@ struct MatmulDims {
   int64_t n, cin, K, cout, rows;  // x [n, cin], w [K, cin, cout], nbr [rows, K]
 };
 
-// Operands of jsc_gather_matmul: x [N, Cin], w [K, Cin, Cout], nbr [M, K],
-// out [M, Cout] (its dtype is checked by dispatch_float).
+// Operands of jsc_gather_matmul: x [N, Cin], w [K, Cin, Cout], nbr [M, K]
+// (v1) or [K, M] (v2, offsets_leading), out [M, Cout] (its dtype is checked by
+// dispatch_float).
 inline ffi::Error check_gather_matmul(const ffi::AnyBuffer& x,
                                       const ffi::AnyBuffer& w,
                                       const S32Buffer& nbr,
                                       const ffi::AnyBuffer& out,
-                                      MatmulDims* d) {
+                                      bool offsets_leading, MatmulDims* d) {
   const auto xd = x.dimensions(), wd = w.dimensions(), nd = nbr.dimensions();
+  const char* map = offsets_leading ? "nbr [K, M]" : "nbr [M, K]";
   if (xd.size() != 2 || wd.size() != 3 || nd.size() != 2) {
-    return invalid("gather_matmul expects x [N, Cin], w [K, Cin, Cout], nbr [M, K]");
+    return invalid(std::string("gather_matmul expects x [N, Cin], w [K, Cin, Cout], ") + map);
   }
-  *d = {xd[0], xd[1], wd[0], wd[2], nd[0]};
-  if (wd[1] != d->cin || nd[1] != d->K || x.element_type() != w.element_type()) {
+  *d = {xd[0], xd[1], wd[0], wd[2], nd[offsets_leading ? 1 : 0]};
+  if (wd[1] != d->cin || nd[offsets_leading ? 0 : 1] != d->K || x.element_type() != w.element_type()) {
     return invalid("gather_matmul: x, w and nbr disagree on Cin, K or dtype");
   }
   return check_matrix(out, "out", d->rows, d->cout);
 }
 
-// Operands of jsc_gather_matmul_grad: x [N, Cin], g [M, Cout], nbr [M, K],
-// dw [K, Cin, Cout].
+// Operands of jsc_gather_matmul_grad: x [N, Cin], g [M, Cout], nbr [M, K]
+// (v1) or [K, M] (v2, offsets_leading), dw [K, Cin, Cout].
 inline ffi::Error check_gather_matmul_grad(const ffi::AnyBuffer& x,
                                            const ffi::AnyBuffer& g,
                                            const S32Buffer& nbr,
                                            const ffi::AnyBuffer& dw,
-                                           MatmulDims* d) {
+                                           bool offsets_leading, MatmulDims* d) {
   const auto xd = x.dimensions(), gd = g.dimensions(), nd = nbr.dimensions();
   if (xd.size() != 2 || gd.size() != 2 || nd.size() != 2) {
-    return invalid("gather_matmul_grad expects x [N, Cin], g [M, Cout], nbr [M, K]");
+    return invalid(std::string("gather_matmul_grad expects x [N, Cin], g [M, Cout], ") +
+                   (offsets_leading ? "nbr [K, M]" : "nbr [M, K]"));
   }
-  *d = {xd[0], xd[1], nd[1], gd[1], nd[0]};
+  *d = {xd[0], xd[1], nd[offsets_leading ? 0 : 1], gd[1], nd[offsets_leading ? 1 : 0]};
   if (gd[0] != d->rows || x.element_type() != g.element_type()) {
     return invalid("gather_matmul_grad: g and nbr disagree on rows, or x and g on dtype");
   }

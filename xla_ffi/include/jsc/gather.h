@@ -10,6 +10,11 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "jsc/common.h"
 #include "jsc/dtype.h"
 #include "jsc/ffi_util.h"
 #include "jsc/parallel.h"
@@ -52,31 +57,25 @@ inline int64_t tile_rows_for(int64_t K) {
 }
 
 // The pairs (entries >= 0) of rows [begin, end) of a checked neighbour map
-// nbr [rows, K], grouped by offset: those of offset k are pos(k)[j] (the row
-// minus begin) and src(k)[j] (the entry) for j < count(k), in row order. The
-// tile is scanned one offset (column) at a time, which writes each offset's
-// pairs in place: no sort. A -1 entry is written and not counted, so the scan
-// has no branch.
+// with K offsets laid out as `layout`, grouped by offset: those of offset k are
+// pos(k)[j] (the row minus begin) and src(k)[j] (the entry) for j < count(k),
+// in row order. The tile is scanned one offset at a time, which writes each
+// offset's pairs in place: no sort.
 class TilePairs {
  public:
-  void collect(const int32_t* nbr, int64_t K, int64_t begin, int64_t end) {
-    const int64_t entries = (end - begin) * K;
+  void collect(const int32_t* nbr, MapLayout layout, int64_t K, int64_t begin, int64_t end) {
+    const int64_t entries = (end - begin) * K + kSlack;
     if (static_cast<int64_t>(src_.size()) < entries) {
       src_.resize(entries);
       pos_.resize(entries);
     }
     start_.resize(K + 1);
-    // Local pointers: stores through them cannot alias the loop's bounds.
-    int32_t *src = src_.data(), *pos = pos_.data();
     int64_t m = 0;
     for (int64_t k = 0; k < K; ++k) {
       start_[k] = static_cast<int32_t>(m);
-      for (int64_t r = begin; r < end; ++r) {
-        const int32_t e = nbr[r * K + k];
-        src[m] = e;
-        pos[m] = static_cast<int32_t>(r - begin);
-        m += e >= 0;
-      }
+      const int32_t* column = nbr + layout.at(begin, k);
+      m += layout.row_step == 1 ? collect_run(column, end - begin, m)
+                                : collect_strided(column, layout.row_step, end - begin, m);
     }
     start_[K] = static_cast<int32_t>(m);
   }
@@ -86,6 +85,48 @@ class TilePairs {
   const int32_t* src(int64_t k) const { return src_.data() + start_[k]; }
 
  private:
+  // Whole vectors are stored past the last pair (then overwritten).
+  static constexpr int64_t kSlack = 16;
+
+  // Entries column[i * step], i < n: the pairs from slot m on; their count. A
+  // -1 entry is written and not counted, so the scan has no branch.
+  int64_t collect_strided(const int32_t* column, int64_t step, int64_t n, int64_t m) {
+    // Local pointers: stores through them cannot alias the loop's bounds.
+    int32_t *src = src_.data() + m, *pos = pos_.data() + m;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t e = column[i * step];
+      src[count] = e;
+      pos[count] = static_cast<int32_t>(i);
+      count += e >= 0;
+    }
+    return count;
+  }
+
+  // The same for contiguous entries (offset-leading maps): 16 at a time where
+  // AVX-512 compresses the valid lanes in registers (stores of compressed
+  // vectors, not the slow compressing store).
+  int64_t collect_run(const int32_t* column, int64_t n, int64_t m) {
+    int64_t i = 0, count = 0;
+#if defined(__AVX512F__)
+    int32_t *src = src_.data() + m, *pos = pos_.data() + m;
+    __m512i rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i sixteen = _mm512_set1_epi32(16), zero = _mm512_setzero_si512();
+    for (; i + 16 <= n; i += 16) {
+      const __m512i e = _mm512_loadu_si512(column + i);
+      const __mmask16 valid = _mm512_cmpge_epi32_mask(e, zero);
+      _mm512_storeu_si512(src + count, _mm512_maskz_compress_epi32(valid, e));
+      _mm512_storeu_si512(pos + count, _mm512_maskz_compress_epi32(valid, rows));
+      count += __builtin_popcount(valid);
+      rows = _mm512_add_epi32(rows, sixteen);
+    }
+#endif
+    const int64_t rest = collect_strided(column + i, 1, n - i, m + count);
+    int32_t* rest_pos = pos_.data() + m + count;
+    for (int64_t j = 0; j < rest; ++j) rest_pos[j] += static_cast<int32_t>(i);
+    return count + rest;
+  }
+
   std::vector<int32_t> start_, pos_, src_;
 };
 

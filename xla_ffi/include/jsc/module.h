@@ -11,6 +11,8 @@
 // Declares the handler symbols of one platform in the current namespace.
 #define JSC_DECLARE_HANDLERS()                        \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(BuildRulebook);      \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulV1);     \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulGradV1); \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmul);       \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulGrad);   \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherSum);          \
@@ -32,8 +34,12 @@
       targets["jsc_build_rulebook_v1"] =                                      \
           jsc::handler_capsule(NS::BuildRulebook);                            \
       targets["jsc_gather_matmul_v1"] =                                       \
-          jsc::handler_capsule(NS::GatherMatmul);                             \
+          jsc::handler_capsule(NS::GatherMatmulV1);                           \
       targets["jsc_gather_matmul_grad_v1"] =                                  \
+          jsc::handler_capsule(NS::GatherMatmulGradV1);                       \
+      targets["jsc_gather_matmul_v2"] =                                       \
+          jsc::handler_capsule(NS::GatherMatmul);                             \
+      targets["jsc_gather_matmul_grad_v2"] =                                  \
           jsc::handler_capsule(NS::GatherMatmulGrad);                         \
       targets["jsc_gather_sum_v1"] = jsc::handler_capsule(NS::GatherSum);     \
       targets["jsc_gather_max_v1"] = jsc::handler_capsule(NS::GatherMax);     \

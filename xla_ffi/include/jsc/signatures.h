@@ -36,8 +36,9 @@ auto build_rulebook(Binding&& binding) {
       .template Attr<Dims>("dilation");
 }
 
-// GatherMatmul: x [N, C_in], w [K, C_in, C_out], nbr [M, K] -> out [M, C_out]
-// GatherMatmulGrad: x [N, C_in], g [M, C_out], nbr [M, K] -> dw [K, C_in, C_out]
+// GatherMatmul: x [N, C_in], w [K, C_in, C_out], nbr [K, M] -> out [M, C_out]
+// GatherMatmulGrad: x [N, C_in], g [M, C_out], nbr [K, M] -> dw [K, C_in, C_out]
+// (the V1 handlers: nbr [M, K])
 // allow_tf32 (0 or 1): float32 products may round their inputs to TF32 (the
 // CUDA handlers then use tensor cores; the CPU handlers never round).
 template <typename Binding>
