@@ -22,10 +22,11 @@ import jaxlib
 
 # The XLA FFI targets every compiled module registers, with their version suffix: exported
 # programs name them, so they are kept as they are (README, "Export and serve"). The _v2
-# convolution targets take offset-leading neighbour maps; programs exported before them
-# call the _v1 ones.
-TARGETS = ("jsc_build_rulebook_v1", "jsc_gather_matmul_v1", "jsc_gather_matmul_grad_v1", "jsc_gather_sum_v1",
-           "jsc_gather_max_v1", "jsc_gather_max_grad_v1", "jsc_gather_matmul_v2", "jsc_gather_matmul_grad_v2")
+# targets take the rulebook's offset-leading neighbour maps [K, M], the _v1 ones [M, K];
+# programs exported before 2026-12-06 call the _v1 ones.
+TARGETS = tuple(f"jsc_{name}_v{version}" for version in (1, 2)
+                for name in ("build_rulebook", "gather_matmul", "gather_matmul_grad", "gather_sum", "gather_max",
+                             "gather_max_grad"))
 
 
 def _import(name: str):

@@ -24,14 +24,15 @@ def test_build_info_reports_the_native_extension():
         assert info["ffi_api_version"][0] == 0
 
 
-def _raw_call(indices, out_capacity, kernel_volume, rows, **attrs):
-    """The rulebook handler called directly, bypassing every Python-side check."""
+def _raw_call(indices, out_capacity, kernel_volume, rows, version=2, **attrs):
+    """The rulebook handler called directly, bypassing every Python-side check; ``version``
+    1 gives neighbour maps ``[rows, K]``, 2 ``[K, rows]``."""
     cols = indices.shape[1]
+    maps = [(out_capacity, kernel_volume), (rows, kernel_volume)]
     out_types = (jax.ShapeDtypeStruct((out_capacity, cols), jnp.int32),
-                 jax.ShapeDtypeStruct((out_capacity, kernel_volume), jnp.int32),
-                 jax.ShapeDtypeStruct((rows, kernel_volume), jnp.int32),
+                 *(jax.ShapeDtypeStruct(shape[::-1] if version == 2 else shape, jnp.int32) for shape in maps),
                  jax.ShapeDtypeStruct((), jnp.int32))
-    call = jax.ffi.ffi_call("jsc_build_rulebook_v1", out_types, vmap_method="sequential")
+    call = jax.ffi.ffi_call(f"jsc_build_rulebook_v{version}", out_types, vmap_method="sequential")
     return jax.block_until_ready(call(indices, **{k: (np.int64(v) if np.isscalar(v) else np.asarray(v, np.int64))
                                                   for k, v in attrs.items()}))
 
@@ -82,15 +83,16 @@ def test_rulebook_handler_on_random_sites(inputs):
 @settings(max_examples=100, deadline=None)
 @given(ndim=st.integers(0, 6), rows=st.integers(0, 5), cols=st.integers(0, 6), out_capacity=st.integers(0, 5),
        kernel_volume=st.integers(0, 10), in_nbr_rows=st.integers(0, 6), mode=st.integers(-1, 3),
-       batch_size=st.integers(-1, 3), attr_len=st.integers(0, 6), value=st.integers(-3, 4))
+       batch_size=st.integers(-1, 3), attr_len=st.integers(0, 6), value=st.integers(-3, 4),
+       version=st.sampled_from([1, 2]))
 def test_rulebook_handler_rejects_inconsistent_shapes(ndim, rows, cols, out_capacity, kernel_volume, in_nbr_rows,
-                                                       mode, batch_size, attr_len, value):
+                                                       mode, batch_size, attr_len, value, version):
     """Mismatched buffer shapes and nonsense attributes give an error, never a crash."""
     indices = jnp.zeros((rows, cols), jnp.int32)
     attrs = dict(mode=mode, batch_size=batch_size, in_shape=[4] * ndim, out_shape=[4] * attr_len,
                  kernel_size=[value] * ndim, strides=[1] * ndim, padding=[0] * ndim, dilation=[1] * ndim)
     try:
-        _raw_call(indices, out_capacity, kernel_volume, in_nbr_rows, **attrs)
+        _raw_call(indices, out_capacity, kernel_volume, in_nbr_rows, version, **attrs)
     except Exception as err:  # noqa: BLE001 - any Python error is fine; a crash is not
         assert "jax_sparseconv" in str(err) or "Wrong" in str(err) or "attribute" in str(err)
 
@@ -152,6 +154,42 @@ def test_feature_handlers_on_hostile_neighbour_maps(name, n, m, k, cin, cout, lo
     for a, b in zip(jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(reference)):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol * cin)
+
+
+def _versioned_call(name, version, args):
+    """Target ``jsc_<name>_v<version>`` on ``args`` (neighbour map last, ``[K, M]``; version 1
+    gets it ``[M, K]``)."""
+    x, *operands, nbr = args
+    m, acc = nbr.shape[1], ffi.accumulator(x.dtype)
+    shapes = [((m, x.shape[1]), acc)]  # pools
+    if name == "gather_matmul":
+        shapes = [((m, operands[0].shape[2]), acc)]
+    elif name == "gather_matmul_grad":
+        shapes = [((nbr.shape[0], x.shape[1], operands[0].shape[1]), acc)]
+    elif name == "gather_max":
+        shapes.append(((m, x.shape[1]), jnp.int32))
+    attrs = {"allow_tf32": np.int64(0)} if name.startswith("gather_matmul") else {}
+    call = jax.ffi.ffi_call(f"jsc_{name}_v{version}", [jax.ShapeDtypeStruct(*shape) for shape in shapes])
+    return jax.block_until_ready(call(x, *operands, nbr.T if version == 1 else nbr, **attrs))
+
+
+@pytest.mark.parametrize("name", FEATURE_KERNELS)
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(0, 9), m=st.integers(0, 40), k=st.integers(1, 30), cin=st.integers(1, 20),
+       bad=st.booleans(), seed=st.integers(0, 2**31))
+def test_v1_feature_handlers_take_row_major_maps_and_agree_with_v2(name, n, m, k, cin, bad, seed):
+    """The _v1 targets (programs exported before the _v2 ones) on ``[M, K]`` maps: bitwise the
+    results of _v2 on the same maps ``[K, M]``, and the same error for a bad entry."""
+    rng = np.random.default_rng(seed)
+    nbr = jnp.asarray(rng.integers(-1, n + int(bad), size=(k, m)), jnp.int32)
+    args = _feature_args(name, rng, n, m, k, cin, cin + 3, jnp.float32, nbr)
+    if bool((np.asarray(nbr) >= n).any()):
+        for version in (1, 2):
+            with pytest.raises(Exception, match="nbr entry"):
+                _versioned_call(name, version, args)
+        return
+    for a, b in zip(_versioned_call(name, 1, args), _versioned_call(name, 2, args)):
+        np.testing.assert_array_equal(a, b)
 
 
 _THREADS_SCRIPT = """

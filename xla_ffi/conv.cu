@@ -440,15 +440,14 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
 
 }  // namespace
 
-#define JSC_CUDA_CONV_HANDLER(name, impl)                                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                \
-                                signature::gather_matmul(ffi::Ffi::Bind()  \
-                                                         .Ctx<Stream>()    \
-                                                         .Ctx<Scratch>()))
-JSC_CUDA_CONV_HANDLER(GatherMatmulV1, GatherMatmulImpl<false>);
-JSC_CUDA_CONV_HANDLER(GatherMatmul, GatherMatmulImpl<true>);
-JSC_CUDA_CONV_HANDLER(GatherMatmulGradV1, GatherMatmulGradImpl<false>);
-JSC_CUDA_CONV_HANDLER(GatherMatmulGrad, GatherMatmulGradImpl<true>);
-#undef JSC_CUDA_CONV_HANDLER
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulV1, GatherMatmulImpl<false>,
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<Stream>().Ctx<Scratch>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmul, GatherMatmulImpl<true>,
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<Stream>().Ctx<Scratch>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGradV1, GatherMatmulGradImpl<false>,
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<Stream>().Ctx<Scratch>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherMatmulGrad, GatherMatmulGradImpl<true>,
+                              signature::gather_matmul(ffi::Ffi::Bind().Ctx<Stream>().Ctx<Scratch>()));
 
 }  // namespace jsc::gpu

@@ -197,11 +197,11 @@ class Reach {
   std::vector<int64_t> offset_[kMaxDims], coord_[kMaxDims];
 };
 
-// Sets `count` rows of `K` entries each to -1, in parallel.
-void clear_rows(ffi::ThreadPool& pool, int32_t* data, int64_t count, int64_t K) {
-  parallel_for(pool, (count + kTileRows - 1) / kTileRows, [&](int64_t tile) {
-    const int64_t end = std::min(count, (tile + 1) * kTileRows);
-    std::fill(data + tile * kTileRows * K, data + end * K, -1);
+// Sets the `count` entries of a map to -1, in parallel.
+void clear_map(ffi::ThreadPool& pool, int32_t* data, int64_t count) {
+  constexpr int64_t kBlock = int64_t{1} << 16;
+  parallel_for(pool, (count + kBlock - 1) / kBlock, [&](int64_t block) {
+    std::fill(data + block * kBlock, data + std::min(count, (block + 1) * kBlock), -1);
   });
 }
 
@@ -254,16 +254,17 @@ void search_inputs(ffi::ThreadPool& pool, const ConvGeometry& g,
 // K - 1 - k. So only the offsets up to the centre are searched, and each
 // pair found fills four entries: out_nbr[q, k] = in_nbr[q, K - 1 - k] = j and
 // out_nbr[j, K - 1 - k] = in_nbr[j, k] = q. Each entry is written by one task.
+// Both maps have `rows` rows, laid out as `layout`.
 void build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
-                const int32_t* indices, int64_t rows,
-                const SortedSites& inputs, int32_t* out_nbr, int32_t* in_nbr) {
+                const int32_t* indices, int64_t rows, const SortedSites& inputs,
+                MapLayout layout, int32_t* out_nbr, int32_t* in_nbr) {
   const int64_t K = g.kernel_volume();
-  clear_rows(pool, out_nbr, rows, K);
-  clear_rows(pool, in_nbr, rows, K);
+  clear_map(pool, out_nbr, rows * K);
+  clear_map(pool, in_nbr, rows * K);
   search_inputs(pool, g, indices, inputs,
                 K / 2, [&](int64_t q, int64_t k, int32_t j) {
-                  out_nbr[q * K + k] = in_nbr[q * K + K - 1 - k] = j;
-                  out_nbr[j * K + K - 1 - k] = in_nbr[j * K + k] =
+                  out_nbr[layout.at(q, k)] = in_nbr[layout.at(q, K - 1 - k)] = j;
+                  out_nbr[layout.at(j, K - 1 - k)] = in_nbr[layout.at(j, k)] =
                       static_cast<int32_t>(q);
                 });
 }
@@ -276,8 +277,8 @@ void build_subm(ffi::ThreadPool& pool, const ConvGeometry& g,
 ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
                             const int32_t* indices, int64_t rows,
                             const SortedSites& inputs, int32_t* out_indices,
-                            int64_t out_capacity, int32_t* out_nbr,
-                            int32_t* in_nbr, int32_t* needed) {
+                            int64_t out_capacity, bool offsets_leading,
+                            int32_t* out_nbr, int32_t* in_nbr, int32_t* needed) {
   const int cols = g.ndim + 1;
   const int64_t K = g.kernel_volume();
   const int64_t tiles = (inputs.size() + kTileRows - 1) / kTileRows;
@@ -311,8 +312,10 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
   *needed = static_cast<int32_t>(count);
   const int64_t stored = std::min(count, out_capacity);
   std::fill(out_indices + stored * cols, out_indices + out_capacity * cols, -1);
-  clear_rows(pool, out_nbr, out_capacity, K);
-  clear_rows(pool, in_nbr, rows, K);
+  clear_map(pool, out_nbr, out_capacity * K);
+  clear_map(pool, in_nbr, rows * K);
+  const MapLayout out_layout = MapLayout::make(offsets_leading, out_capacity, K);
+  const MapLayout in_layout = MapLayout::make(offsets_leading, rows, K);
   int64_t o = -1;
   for (size_t i = 0; i < keys.size(); ++i) {
     if (i == 0 || keys[i] != keys[i - 1]) {
@@ -320,12 +323,15 @@ ffi::Error build_generative(ffi::ThreadPool& pool, const ConvGeometry& g,
       decode_key(keys[i], g.out_shape, g.ndim, out_indices + o * cols);
     }
     const int64_t row = pairs[i] >> 32, k = pairs[i] & 0xffffffff;
-    out_nbr[o * K + k] = static_cast<int32_t>(row);
-    in_nbr[row * K + k] = static_cast<int32_t>(o);
+    out_nbr[out_layout.at(o, k)] = static_cast<int32_t>(row);
+    in_nbr[in_layout.at(row, k)] = static_cast<int32_t>(o);
   }
   return ffi::Error::Success();
 }
 
+// OffsetsLeading: out_nbr [K, out_capacity], in_nbr [K, rows] (the _v2
+// target), else [out_capacity, K] and [rows, K] (_v1).
+template <bool OffsetsLeading>
 ffi::Error BuildRulebookImpl(ffi::ThreadPool pool, S32 indices,
                              S32Result out_indices, S32Result out_nbr,
                              S32Result in_nbr, S32Result needed, int64_t mode,
@@ -344,8 +350,8 @@ ffi::Error BuildRulebookImpl(ffi::ThreadPool pool, S32 indices,
   }
   const int64_t cols = g.ndim + 1;
   int64_t rows = 0, out_capacity = 0;
-  if (auto err = check_rulebook_buffers(g, indices, *out_indices, *out_nbr,
-                                        *in_nbr, *needed, &rows, &out_capacity);
+  if (auto err = check_rulebook_buffers(g, indices, *out_indices, *out_nbr, *in_nbr, *needed,
+                                        OffsetsLeading, &rows, &out_capacity);
       err.failure())
     return err;
   if (auto err = check_sites(g, indices.typed_data(), rows); err.failure())
@@ -360,18 +366,21 @@ ffi::Error BuildRulebookImpl(ffi::ThreadPool pool, S32 indices,
               out_indices->typed_data());
     needed->typed_data()[0] = static_cast<int32_t>(inputs.size());
     build_subm(pool, g, indices.typed_data(), rows, inputs,
+               MapLayout::make(OffsetsLeading, rows, g.kernel_volume()),
                out_nbr->typed_data(), in_nbr->typed_data());
     return ffi::Error::Success();
   }
   return build_generative(pool, g, indices.typed_data(), rows, inputs,
-                          out_indices->typed_data(), out_capacity,
+                          out_indices->typed_data(), out_capacity, OffsetsLeading,
                           out_nbr->typed_data(), in_nbr->typed_data(),
                           needed->typed_data());
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebook, BuildRulebookImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebookV1, BuildRulebookImpl<false>,
+                              signature::build_rulebook(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebook, BuildRulebookImpl<true>,
                               signature::build_rulebook(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 }  // namespace jsc

@@ -75,10 +75,11 @@ __device__ int64_t reached(const ConvGeometry& g, const int32_t* indices,
   return reached_key(g, indices + r * (g.ndim + 1), offset);
 }
 
-// Submanifold maps: in_nbr[r, k] is the row at the site r reaches through k,
-// and out_nbr[r, K - 1 - k] the same (the offsets are symmetric).
+// Submanifold maps (both laid out as `layout`): in_nbr[r, k] is the row at
+// the site r reaches through k, and out_nbr[r, K - 1 - k] the same (the
+// offsets are symmetric).
 __global__ void subm_maps(ConvGeometry g, const int32_t* indices, int64_t rows,
-                          const uint8_t* active, HashTableView table,
+                          const uint8_t* active, HashTableView table, MapLayout layout,
                           int32_t* out_nbr, int32_t* in_nbr) {
   const int64_t K = g.kernel_volume();
   const int64_t e = thread_index();
@@ -86,8 +87,8 @@ __global__ void subm_maps(ConvGeometry g, const int32_t* indices, int64_t rows,
   const int64_t r = e / K, k = e % K;
   const int64_t key = reached(g, indices, active, r, k);
   const int32_t j = key >= 0 ? table.find(key) : -1;
-  in_nbr[e] = j;
-  out_nbr[r * K + K - 1 - k] = j;
+  in_nbr[layout.at(r, k)] = j;
+  out_nbr[layout.at(r, K - 1 - k)] = j;
 }
 
 // keys[e] for e = r * K + k: the output key reached, or `none`.
@@ -131,16 +132,16 @@ __global__ void store_outputs(ConvGeometry g, const uint64_t* unique,
 // at most one active input row, so every entry has one writer.
 __global__ void generative_maps(ConvGeometry g, const int32_t* indices,
                                 int64_t rows, const uint8_t* active,
-                                HashTableView table, int32_t* out_nbr,
-                                int32_t* in_nbr) {
+                                HashTableView table, MapLayout out_layout,
+                                MapLayout in_layout, int32_t* out_nbr, int32_t* in_nbr) {
   const int64_t K = g.kernel_volume();
   const int64_t e = thread_index();
   if (e >= rows * K) return;
   const int64_t r = e / K, k = e % K;
   const int64_t key = reached(g, indices, active, r, k);
   const int32_t o = key >= 0 ? table.find(key) : -1;
-  in_nbr[e] = o;
-  if (o >= 0) out_nbr[o * K + k] = static_cast<int32_t>(r);
+  in_nbr[in_layout.at(r, k)] = o;
+  if (o >= 0) out_nbr[out_layout.at(o, k)] = static_cast<int32_t>(r);
 }
 
 // An empty hash table for n keys in scratch memory (all bytes 0xff: keys
@@ -165,7 +166,7 @@ ffi::Error build_generative(cudaStream_t stream, Scratch& scratch,
                             const ConvGeometry& g, const int32_t* indices,
                             int64_t rows, const uint8_t* active,
                             int64_t out_capacity, int32_t* out_indices,
-                            int32_t* out_nbr, int32_t* in_nbr,
+                            bool offsets_leading, int32_t* out_nbr, int32_t* in_nbr,
                             int32_t* needed) {
   const int64_t K = g.kernel_volume();
   const int64_t pairs = rows * K;
@@ -212,10 +213,14 @@ ffi::Error build_generative(cudaStream_t stream, Scratch& scratch,
   launch(stream, out_capacity, store_outputs, g, keys, stored, out_capacity,
          table, out_indices);
   launch(stream, pairs, generative_maps, g, indices, rows, active, table,
+         MapLayout::make(offsets_leading, out_capacity, K), MapLayout::make(offsets_leading, rows, K),
          out_nbr, in_nbr);
   return ffi::Error::Success();
 }
 
+// OffsetsLeading: out_nbr [K, out_capacity], in_nbr [K, rows] (the _v2
+// target), else [out_capacity, K] and [rows, K] (_v1).
+template <bool OffsetsLeading>
 ffi::Error BuildRulebookImpl(cudaStream_t stream, Scratch scratch,
                              S32 indices, S32Result out_indices,
                              S32Result out_nbr, S32Result in_nbr,
@@ -233,8 +238,8 @@ ffi::Error BuildRulebookImpl(cudaStream_t stream, Scratch scratch,
     return err;
   }
   int64_t rows, out_capacity;
-  if (auto err = check_rulebook_buffers(g, indices, *out_indices, *out_nbr,
-                                        *in_nbr, *needed, &rows, &out_capacity);
+  if (auto err = check_rulebook_buffers(g, indices, *out_indices, *out_nbr, *in_nbr, *needed,
+                                        OffsetsLeading, &rows, &out_capacity);
       err.failure())
     return err;
   const int64_t cols = g.ndim + 1, K = g.kernel_volume();
@@ -269,10 +274,11 @@ ffi::Error BuildRulebookImpl(cudaStream_t stream, Scratch scratch,
                               "build_rulebook");
         err.failure())
       return err;
-    launch(stream, rows * K, subm_maps, g, idx, rows, active, sites, onbr, inbr);
+    launch(stream, rows * K, subm_maps, g, idx, rows, active, sites,
+           MapLayout::make(OffsetsLeading, rows, K), onbr, inbr);
   } else if (rows * K > 0) {  // without pairs there are no outputs: needed is 0
     if (auto err = build_generative(stream, scratch, g, idx, rows, active,
-                                    out_capacity, out_idx, onbr, inbr, count);
+                                    out_capacity, out_idx, OffsetsLeading, onbr, inbr, count);
         err.failure())
       return err;
   }
@@ -281,7 +287,11 @@ ffi::Error BuildRulebookImpl(cudaStream_t stream, Scratch scratch,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebook, BuildRulebookImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebookV1, BuildRulebookImpl<false>,
+                              signature::build_rulebook(ffi::Ffi::Bind()
+                                                        .Ctx<Stream>()
+                                                        .Ctx<Scratch>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BuildRulebook, BuildRulebookImpl<true>,
                               signature::build_rulebook(ffi::Ffi::Bind()
                                                         .Ctx<Stream>()
                                                         .Ctx<Scratch>()));

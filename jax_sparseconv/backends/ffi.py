@@ -4,10 +4,9 @@ the platforms "cpu" and "CUDA", so one ``ffi_call`` serves both).
 
 Rulebooks are built from 64-bit site keys (sorted on the CPU, a hash table on the
 GPU); the feature kernels gather along the neighbour maps in row tiles on XLA's CPU
-thread pool. The convolution handlers (``_v2`` targets) take the rulebook's
-offset-leading neighbour maps ``[K, M]`` as they are; the rulebook builder and the pooling
-handlers give and take them row-major (``[M, K]``), and the functions here transpose (in
-one program XLA cancels each pair of transposes). Every function matches the signature, dtypes and results of its twin in ``xla.py``.
+thread pool. The handlers (``_v2`` targets) give and take the rulebook's offset-leading
+neighbour maps ``[K, M]`` as they are (the ``_v1`` targets, kept for exported programs,
+take them ``[M, K]``). Every function matches the signature, dtypes and results of its twin in ``xla.py``.
 Features may be float32, float64, bfloat16 or float16 (float32 accumulation for
 the half types).
 """
@@ -65,10 +64,10 @@ def _shift(nbr: jax.Array, rows: int) -> jax.Array:
     return jnp.where(nbr >= 0, nbr + shift, -1)
 
 
-def _row_kernel(fn, num_gathered: int, offsets_leading: bool = False):
+def _row_kernel(fn, num_gathered: int):
     """``fn(*gathered, *shared, nbr)``, whose outputs have one row per ``nbr`` row (``nbr``
-    ``[M, K]``, or ``[K, M]`` where ``offsets_leading``) and read the ``gathered`` arrays
-    at the rows ``nbr`` names, with a vmap rule that folds."""
+    ``[K, M]``) and read the ``gathered`` arrays at the rows ``nbr`` names, with a vmap
+    rule that folds."""
     kernel = jax.custom_batching.custom_vmap(fn)
 
     @kernel.def_vmap
@@ -85,10 +84,7 @@ def _row_kernel(fn, num_gathered: int, offsets_leading: bool = False):
                         for a, b in zip(gathered, in_batched)]
             gathered = [a.reshape(axis_size * rows, *a.shape[2:]) for a in gathered]
             nbr = _shift(nbr, rows)
-        if offsets_leading:  # [V, K, M] -> [K, V * M]
-            nbr = jnp.moveaxis(nbr, 0, 1).reshape(nbr.shape[1], -1)
-        else:
-            nbr = nbr.reshape(-1, nbr.shape[-1])
+        nbr = jnp.moveaxis(nbr, 0, 1).reshape(nbr.shape[1], -1)  # [V, K, M] -> [K, V * M]
         out = kernel(*gathered, *shared, nbr)
         out = jax.tree_util.tree_map(lambda o: o.reshape(axis_size, -1, *o.shape[1:]), out)
         return out, jax.tree_util.tree_map(lambda _: True, out)
@@ -100,12 +96,11 @@ def build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacit
     """Returns ``(out_indices, out_nbr, in_nbr, needed)``; see rulebook.py. ``presorted`` is
     not needed: the native builders hash the sites."""
     del presorted
-    out_indices, out_nbr, in_nbr, needed = _build_row_major(indices, geometry, batch_size, out_capacity)
-    return out_indices, out_nbr.T, in_nbr.T, needed
+    return _build(indices, geometry, batch_size, out_capacity)
 
 
-def _build_row_major(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
-    """The handler's rulebook, neighbour maps ``[rows, K]``; under vmap one call on all items."""
+def _build(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
+    """The handler's rulebook; under vmap one call on all items."""
     build = jax.custom_batching.custom_vmap(
         lambda indices: _build_rulebook(indices, geometry, batch_size, out_capacity))
 
@@ -120,10 +115,10 @@ def _build_row_major(indices, geometry: ConvGeometry, batch_size: int, out_capac
 
 def _build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
     n, K, cols = indices.shape[0], geometry.kernel_volume, geometry.ndim + 1
-    call = _call("jsc_build_rulebook_v1",
+    call = _call("jsc_build_rulebook_v2",
                  jax.ShapeDtypeStruct((out_capacity, cols), jnp.int32),
-                 jax.ShapeDtypeStruct((out_capacity, K), jnp.int32),
-                 jax.ShapeDtypeStruct((n, K), jnp.int32),
+                 jax.ShapeDtypeStruct((K, out_capacity), jnp.int32),
+                 jax.ShapeDtypeStruct((K, n), jnp.int32),
                  jax.ShapeDtypeStruct((), jnp.int32))
     return call(indices, mode=np.int64(MODE_CODES[geometry.mode]), batch_size=np.int64(batch_size),
                 in_shape=_i64(geometry.in_shape), out_shape=_i64(geometry.out_shape),
@@ -132,15 +127,19 @@ def _build_rulebook(indices, geometry: ConvGeometry, batch_size: int, out_capaci
 
 
 def _fold_build(indices, geometry: ConvGeometry, batch_size: int, out_capacity: int):
-    """The rulebooks of ``indices [V, N, ndim + 1]``, built by one call on all items."""
+    """The rulebooks of ``indices [V, N, ndim + 1]``, built by one call on all items. The
+    folded maps are cut apart row-major (``[rows, K]``), then laid out ``[V, K, rows]``."""
     V, n = indices.shape[:2]
     item = jnp.arange(V, dtype=jnp.int32)[:, None]
     batch = jnp.where(indices[..., 0] >= 0, indices[..., 0] + item * batch_size, -1)
     folded = jnp.concatenate([batch[..., None], indices[..., 1:]], axis=-1).reshape(V * n, -1)
-    out_indices, out_nbr, in_nbr, needed = _build_row_major(folded, geometry, V * batch_size, V * out_capacity)
+    out_indices, out_nbr, in_nbr, needed = _build(folded, geometry, V * batch_size, V * out_capacity)
+    out_nbr, in_nbr = out_nbr.T, in_nbr.T
+    offsets_leading = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
     if geometry.mode == SUBM:
         unshift = lambda m: _shift(m.reshape(V, n, -1), -n)  # noqa: E731  (rows of item v start at v * n)
-        return indices, unshift(out_nbr), unshift(in_nbr), jnp.sum(indices[..., 0] >= 0, axis=1, dtype=jnp.int32)
+        return (indices, offsets_leading(unshift(out_nbr)), offsets_leading(unshift(in_nbr)),
+                jnp.sum(indices[..., 0] >= 0, axis=1, dtype=jnp.int32))
     # Output rows come sorted by folded batch, so item v's rows are one run: cut the runs
     # apart, each into its own capacity.
     stored = out_indices[:, 0] >= 0
@@ -161,7 +160,7 @@ def _fold_build(indices, geometry: ConvGeometry, batch_size: int, out_capacity: 
     missing = needed - jnp.sum(stored, dtype=jnp.int32)
     last = jnp.max(jnp.where(stored, owner, 0))
     item_needed = counts + jnp.where((missing > 0) & (jnp.arange(V) >= last), missing, 0)
-    return item_indices, item_out_nbr, item_in_nbr, item_needed
+    return item_indices, offsets_leading(item_out_nbr), offsets_leading(item_in_nbr), item_needed
 
 
 def allows_tf32(precision) -> bool:
@@ -185,24 +184,23 @@ def _gather_matmul_grad(x, g, nbr, allow_tf32):
 
 
 def _gather_sum(x, nbr):
-    out = jax.ShapeDtypeStruct((nbr.shape[0], x.shape[1]), accumulator(x.dtype))
-    return _call("jsc_gather_sum_v1", out)(x, nbr)[0]
+    out = jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1]), accumulator(x.dtype))
+    return _call("jsc_gather_sum_v2", out)(x, nbr)[0]
 
 
 def _gather_max(x, nbr):
-    shape = (nbr.shape[0], x.shape[1])
-    out, argk = _call("jsc_gather_max_v1", jax.ShapeDtypeStruct(shape, accumulator(x.dtype)),
+    shape = (nbr.shape[1], x.shape[1])
+    out, argk = _call("jsc_gather_max_v2", jax.ShapeDtypeStruct(shape, accumulator(x.dtype)),
                       jax.ShapeDtypeStruct(shape, jnp.int32))(x, nbr)
     return out.astype(x.dtype), argk  # exact: the max is one of the inputs
 
 
 def _gather_max_grad(g, argk, in_nbr):
-    out = jax.ShapeDtypeStruct((in_nbr.shape[0], g.shape[1]), accumulator(g.dtype))
-    return _call("jsc_gather_max_grad_v1", out)(g, argk, in_nbr)[0].astype(g.dtype)
+    out = jax.ShapeDtypeStruct((in_nbr.shape[1], g.shape[1]), accumulator(g.dtype))
+    return _call("jsc_gather_max_grad_v2", out)(g, argk, in_nbr)[0].astype(g.dtype)
 
 
-_gather_matmul_folding = {tf32: _row_kernel(functools.partial(_gather_matmul, allow_tf32=tf32), num_gathered=1,
-                                             offsets_leading=True)
+_gather_matmul_folding = {tf32: _row_kernel(functools.partial(_gather_matmul, allow_tf32=tf32), num_gathered=1)
                           for tf32 in (False, True)}
 _gather_sum_folding = _row_kernel(_gather_sum, num_gathered=1)
 _gather_max_folding = _row_kernel(_gather_max, num_gathered=1)
@@ -229,14 +227,14 @@ def gather_matmul_grad(x, g, nbr, precision=None):
 
 def gather_sum(x, nbr):
     """``out[r] = sum_k x[nbr[k, r]]`` in the accumulation dtype."""
-    return _gather_sum_folding(x, nbr.T)
+    return _gather_sum_folding(x, nbr)
 
 
 def gather_max(x, nbr):
     """``(out, argk)``: max over neighbours and the first offset attaining it."""
-    return _gather_max_folding(x, nbr.T)
+    return _gather_max_folding(x, nbr)
 
 
 def gather_max_grad(g, argk, in_nbr):
     """Input gradient of ``gather_max``."""
-    return _gather_max_grad_folding(g, argk, in_nbr.T)
+    return _gather_max_grad_folding(g, argk, in_nbr)

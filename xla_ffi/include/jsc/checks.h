@@ -15,28 +15,34 @@ namespace jsc {
 using S32Buffer = ffi::Buffer<ffi::S32>;
 
 // Operands of jsc_build_rulebook: indices [rows, ndim + 1], out_indices
-// [out_capacity, ndim + 1], out_nbr [out_capacity, K], in_nbr [rows, K],
-// needed []. Sets *rows and *out_capacity.
+// [out_capacity, ndim + 1], out_nbr [out_capacity, K] and in_nbr [rows, K]
+// (v1) or [K, out_capacity] and [K, rows] (v2, offsets_leading), needed [].
+// Sets *rows and *out_capacity.
 inline ffi::Error check_rulebook_buffers(const ConvGeometry& g,
                                          const S32Buffer& indices,
                                          const S32Buffer& out_indices,
                                          const S32Buffer& out_nbr,
                                          const S32Buffer& in_nbr,
-                                         const S32Buffer& needed,
+                                         const S32Buffer& needed, bool offsets_leading,
                                          int64_t* rows, int64_t* out_capacity) {
   const int64_t cols = g.ndim + 1;
   const int64_t K = g.kernel_volume();
   *rows = indices.dimensions().size() == 2 ? indices.dimensions()[0] : -1;
   if (auto err = check_matrix(indices, "indices", -1, cols); err.failure())
     return err;
+  const int row_axis = offsets_leading ? 1 : 0;
   *out_capacity =
-      out_nbr.dimensions().size() == 2 ? out_nbr.dimensions()[0] : -1;
-  if (auto err = check_matrix(out_nbr, "out_nbr", -1, K); err.failure())
+      out_nbr.dimensions().size() == 2 ? out_nbr.dimensions()[row_axis] : -1;
+  if (auto err = offsets_leading ? check_matrix(out_nbr, "out_nbr", K, -1)
+                                 : check_matrix(out_nbr, "out_nbr", -1, K);
+      err.failure())
     return err;
   if (auto err = check_matrix(out_indices, "out_indices", *out_capacity, cols);
       err.failure())
     return err;
-  if (auto err = check_matrix(in_nbr, "in_nbr", *rows, K); err.failure())
+  if (auto err = offsets_leading ? check_matrix(in_nbr, "in_nbr", K, *rows)
+                                 : check_matrix(in_nbr, "in_nbr", *rows, K);
+      err.failure())
     return err;
   if (needed.element_count() != 1) return invalid("needed must be a scalar");
   if (g.mode == ConvMode::kSubm && *out_capacity != *rows) {
@@ -92,13 +98,26 @@ inline ffi::Error check_gather_matmul_grad(const ffi::AnyBuffer& x,
   return ffi::Error::Success();
 }
 
-// Pooling operands: a table [N, C] and a neighbour map [M, K] into it.
+// Pooling operands: a table [N, C] and a neighbour map [M, K] (v1) or [K, M]
+// (v2, offsets_leading) into it.
 inline ffi::Error check_pool_shapes(const ffi::AnyBuffer& table,
-                                    const S32Buffer& nbr, const char* what) {
+                                    const S32Buffer& nbr, bool offsets_leading, const char* what) {
   if (table.dimensions().size() != 2 || nbr.dimensions().size() != 2) {
-    return invalid(std::string(what) + " expects [N, C] features and a [M, K] neighbour map");
+    return invalid(std::string(what) + " expects [N, C] features and a " +
+                   (offsets_leading ? "[K, M]" : "[M, K]") + " neighbour map");
   }
   return ffi::Error::Success();
+}
+
+// The rows, offsets and layout of a checked pooling neighbour map.
+struct PoolMap {
+  int64_t rows, K;
+  MapLayout layout;
+};
+inline PoolMap pool_map(const S32Buffer& nbr, bool offsets_leading) {
+  const auto d = nbr.dimensions();
+  const int64_t rows = d[offsets_leading ? 1 : 0], K = d[offsets_leading ? 0 : 1];
+  return {rows, K, MapLayout::make(offsets_leading, rows, K)};
 }
 
 }  // namespace jsc

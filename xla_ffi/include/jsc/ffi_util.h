@@ -16,7 +16,7 @@ inline ffi::Error invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("jax_sparseconv: " + msg);
 }
 
-// Checks that `buf` is a matrix with `rows` (if >= 0) rows and `cols` columns.
+// Checks that `buf` is a matrix with `rows` rows and `cols` columns (each if >= 0).
 template <typename Buffer>
 ffi::Error check_matrix(const Buffer& buf, const char* name, int64_t rows,
                         int64_t cols) {
@@ -25,11 +25,11 @@ ffi::Error check_matrix(const Buffer& buf, const char* name, int64_t rows,
     return invalid(std::string(name) + " must have rank 2, got rank " +
                    std::to_string(dims.size()));
   }
-  if ((rows >= 0 && dims[0] != rows) || dims[1] != cols) {
+  if ((rows >= 0 && dims[0] != rows) || (cols >= 0 && dims[1] != cols)) {
     return invalid(std::string(name) + " has shape [" +
                    std::to_string(dims[0]) + ", " + std::to_string(dims[1]) +
                    "], expected [" + (rows >= 0 ? std::to_string(rows) : "*") +
-                   ", " + std::to_string(cols) + "]");
+                   ", " + (cols >= 0 ? std::to_string(cols) : "*") + "]");
   }
   return ffi::Error::Success();
 }

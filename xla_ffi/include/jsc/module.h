@@ -10,9 +10,13 @@
 
 // Declares the handler symbols of one platform in the current namespace.
 #define JSC_DECLARE_HANDLERS()                        \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(BuildRulebook);      \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(BuildRulebookV1);    \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulV1);     \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulGradV1); \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherSumV1);        \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMaxV1);        \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMaxGradV1);    \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(BuildRulebook);      \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmul);       \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulGrad);   \
   XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherSum);          \
@@ -31,19 +35,26 @@
     namespace nb = nanobind;                                                  \
     m.def("registrations", []() {                                             \
       nb::dict targets;                                                       \
+      /* v1: neighbour maps [M, K]; v2: the rulebook's [K, M] */           \
       targets["jsc_build_rulebook_v1"] =                                      \
-          jsc::handler_capsule(NS::BuildRulebook);                            \
+          jsc::handler_capsule(NS::BuildRulebookV1);                          \
       targets["jsc_gather_matmul_v1"] =                                       \
           jsc::handler_capsule(NS::GatherMatmulV1);                           \
       targets["jsc_gather_matmul_grad_v1"] =                                  \
           jsc::handler_capsule(NS::GatherMatmulGradV1);                       \
+      targets["jsc_gather_sum_v1"] = jsc::handler_capsule(NS::GatherSumV1);   \
+      targets["jsc_gather_max_v1"] = jsc::handler_capsule(NS::GatherMaxV1);   \
+      targets["jsc_gather_max_grad_v1"] =                                     \
+          jsc::handler_capsule(NS::GatherMaxGradV1);                          \
+      targets["jsc_build_rulebook_v2"] =                                      \
+          jsc::handler_capsule(NS::BuildRulebook);                            \
       targets["jsc_gather_matmul_v2"] =                                       \
           jsc::handler_capsule(NS::GatherMatmul);                             \
       targets["jsc_gather_matmul_grad_v2"] =                                  \
           jsc::handler_capsule(NS::GatherMatmulGrad);                         \
-      targets["jsc_gather_sum_v1"] = jsc::handler_capsule(NS::GatherSum);     \
-      targets["jsc_gather_max_v1"] = jsc::handler_capsule(NS::GatherMax);     \
-      targets["jsc_gather_max_grad_v1"] =                                     \
+      targets["jsc_gather_sum_v2"] = jsc::handler_capsule(NS::GatherSum);     \
+      targets["jsc_gather_max_v2"] = jsc::handler_capsule(NS::GatherMax);     \
+      targets["jsc_gather_max_grad_v2"] =                                     \
           jsc::handler_capsule(NS::GatherMaxGrad);                            \
       return targets;                                                         \
     });                                                                       \
