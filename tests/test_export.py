@@ -269,21 +269,30 @@ def test_targets_are_the_ones_every_compiled_module_registers():
 
 
 def _artifact_maker():
-    spec = importlib.util.spec_from_file_location("make_ops_v1", DATA / "make_ops_v1.py")
+    spec = importlib.util.spec_from_file_location("make_ops", DATA / "make_ops.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_a_model_saved_with_the_v1_targets_still_gives_its_recorded_outputs():
-    """tests/data/ops_v1.jax was exported once (tests/data/make_ops_v1.py, jax 0.10.2); every
-    later version must run it bitwise as recorded. The recorded outputs are also what the xla
-    backend computes today from the same inputs."""
-    exported = jsc.deserialize((DATA / "ops_v1.jax").read_bytes())
+SAVED_VERSIONS = (1, 2)  # one saved model per version of the targets
+
+
+def test_every_target_version_has_its_saved_model():
+    assert sorted(DATA.glob("ops_v*.jax")) == [DATA / f"ops_v{v}.jax" for v in SAVED_VERSIONS]
+    assert SAVED_VERSIONS[-1] == _artifact_maker().newest_version()
+
+
+@pytest.mark.parametrize("version", SAVED_VERSIONS)
+def test_a_model_saved_with_older_targets_still_gives_its_recorded_outputs(version):
+    """tests/data/ops_v<N>.jax was exported once (tests/data/make_ops.py, jax 0.10.2) with the
+    targets of version N; every later version must run it bitwise as recorded. The recorded
+    outputs are also what the xla backend computes today from the same inputs."""
+    exported = jsc.deserialize((DATA / f"ops_v{version}.jax").read_bytes())
     assert exported.platforms == ("cpu", "tpu")
     assert {t for t in _native.TARGETS if t in exported.mlir_module()} == {t for t in _native.TARGETS
-                                                                           if t.endswith("_v1")}
-    recorded = np.load(DATA / "ops_v1.npz")
+                                                                           if t.endswith(f"_v{version}")}
+    recorded = np.load(DATA / f"ops_v{version}.npz")
     args, expected = _numbered(recorded, "in_"), _numbered(recorded, "out_")
     assert_bitwise_equal(jax.tree_util.tree_leaves(exported.call(*args)), expected)
     network = jax.jit(functools.partial(_artifact_maker().network, backend="xla"))

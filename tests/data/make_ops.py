@@ -1,14 +1,15 @@
-"""Writes ``ops_v1.jax`` and ``ops_v1.npz`` beside this file: a saved user's model, for
-tests/test_export.py to check that every later version still runs it with the same results.
+"""Writes ``ops_v<N>.jax`` and ``ops_v<N>.npz`` beside this file, N the newest version of our
+targets (``_native.TARGETS``): a saved user's model, for tests/test_export.py to check that
+every later version still runs it with the same results.
 
-``ops_v1.jax`` is a serialized ``jax.export.Exported`` for ("cpu", "tpu") with the default
-backend, so its cpu part calls every ``*_v1`` target (rulebooks, convolution, max and average
-pooling, forward and backward). ``ops_v1.npz`` holds its inputs (``in_0 ...``) and the
-outputs (``out_0 ...``) recorded when it was written.
+``ops_v<N>.jax`` is a serialized ``jax.export.Exported`` for ("cpu", "tpu") with the default
+backend, so its cpu part calls every ``*_v<N>`` target (rulebooks, convolution, max and
+average pooling, forward and backward). ``ops_v<N>.npz`` holds its inputs (``in_0 ...``) and
+the outputs (``out_0 ...``) recorded when it was written.
 
 Write it once per version of the targets, with the oldest JAX the project supports (older
-JAX cannot read newer exports): ``python tests/data/make_ops_v1.py``. Never rewrite an
-existing artifact to make a failing test pass: that failure is a user's saved model broken.
+JAX cannot read newer exports): ``python tests/data/make_ops.py``. It never rewrites an
+existing artifact: a failing test on one is a user's saved model broken.
 """
 
 import sys
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 import jax_sparseconv as jsc
+from jax_sparseconv import _native
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: its helpers
@@ -61,14 +63,22 @@ def inputs(rng: np.random.Generator):
     return [features, indices, *weights]
 
 
+def newest_version() -> int:
+    return max(int(target.rsplit("_v", 1)[1]) for target in _native.TARGETS)
+
+
 def main() -> None:
+    version = newest_version()
+    artifact, recorded = HERE / f"ops_v{version}.jax", HERE / f"ops_v{version}.npz"
+    if artifact.exists() or recorded.exists():
+        raise SystemExit(f"{artifact.name} exists: saved models are never rewritten")
     args = inputs(np.random.default_rng(20261203))
     exported = jsc.export(jax.jit(network), platforms=("cpu", "tpu"))(*args)
     outputs = jax.tree_util.tree_leaves(exported.call(*args))
-    (HERE / "ops_v1.jax").write_bytes(exported.serialize())
-    np.savez_compressed(HERE / "ops_v1.npz", **{f"in_{i}": a for i, a in enumerate(args)},
+    artifact.write_bytes(exported.serialize())
+    np.savez_compressed(recorded, **{f"in_{i}": a for i, a in enumerate(args)},
                         **{f"out_{i}": np.asarray(a) for i, a in enumerate(outputs)})
-    print(f"wrote {HERE / 'ops_v1.jax'} ({(HERE / 'ops_v1.jax').stat().st_size} bytes) with jax {jax.__version__}")
+    print(f"wrote {artifact} ({artifact.stat().st_size} bytes) with jax {jax.__version__}")
 
 
 if __name__ == "__main__":
