@@ -1,11 +1,11 @@
-"""Where a MinkUNet18 training step spends its time, from a ``jax.profiler`` trace.
+"""Where a MinkUNet18 training step (or eval forward) spends its time, from a ``jax.profiler`` trace.
 
-    python benchmarks/profile_step.py [--capacity 81920]
+    python benchmarks/profile_step.py [--capacity 81920] [--forward]
 
-Runs bench_train's MinkUNet18 step (KITTI ``000000`` at 0.05 m, loss, gradients, Adam) once to
-compile, traces one more run, and prints the thread time of XLA's CPU thunks summed over all
-of XLA's threads: native kernels by custom-call target (``jsc_gather_matmul_v1`` runs both the
-forward and the input gradient of a conv, ``jsc_gather_matmul_grad_v1`` its kernel gradient),
+Runs bench_train's MinkUNet18 step (KITTI ``000000`` at 0.05 m, loss, gradients, Adam), or with
+``--forward`` the eval forward, once to compile, traces one more run, and prints the thread time of XLA's CPU thunks summed over all
+of XLA's threads: native kernels by custom-call target (``jsc_gather_matmul_v2`` runs both the
+forward and the input gradient of a conv, ``jsc_gather_matmul_grad_v2`` its kernel gradient),
 the rest by fusion kind. Thread time, not wall time: XLA runs independent thunks side by side.
 """
 
@@ -31,14 +31,19 @@ from jax_sparseconv.utils import kitti_tensor  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capacity", type=int, default=81920)
+    parser.add_argument("--forward", action="store_true", help="the eval forward instead of the training step")
     args = parser.parse_args()
     x = kitti_tensor([DATA / "000000.bin"], 0.05, FULL_RANGE, capacity=args.capacity)
     labels = jax.random.randint(jax.random.key(1), (x.capacity,), 0, NUM_CLASSES)
     model = models.MinkUNet(NUM_CLASSES)
     variables = jax.jit(model.init)(jax.random.key(0), x)
     params = variables["params"]
-    step = training_step(model)
-    step_args = (params, variables["batch_stats"], optax.adam(1e-3).init(params), x, labels)
+    if args.forward:
+        step = jax.jit(lambda variables, x: model.apply(variables, x, train=False).features)
+        step_args = (variables, x)
+    else:
+        step = training_step(model)
+        step_args = (params, variables["batch_stats"], optax.adam(1e-3).init(params), x, labels)
     targets = dict(re.findall(r"%(\S+) = .*?custom_call_target=\"([^\"]+)\"",
                               step.lower(*step_args).compile().as_text()))
     jax.block_until_ready(step(*step_args))
