@@ -4,13 +4,14 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -55,6 +56,22 @@ inline ffi::Error check_neighbours(ffi::ThreadPool& pool, const int32_t* nbr,
 inline int64_t tile_rows_for(int64_t K) {
   return std::clamp<int64_t>(int64_t{32768} / std::max<int64_t>(K, 1), 64, 1024);
 }
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// For each 8-bit mask of valid lanes, the lane permutation that moves the
+// valid lanes to the front, in order (AVX2 has no compress instruction).
+constexpr std::array<std::array<int32_t, 8>, 256> compress_table() {
+  std::array<std::array<int32_t, 8>, 256> table{};
+  for (int mask = 0; mask < 256; ++mask) {
+    int n = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      if (mask >> lane & 1) table[mask][n++] = lane;
+    }
+  }
+  return table;
+}
+inline constexpr auto kCompress8 = compress_table();
+#endif
 
 // The pairs (entries >= 0) of rows [begin, end) of a checked neighbour map
 // with K offsets laid out as `layout`, grouped by offset: those of offset k are
@@ -103,9 +120,10 @@ class TilePairs {
     return count;
   }
 
-  // The same for contiguous entries (offset-leading maps): 16 at a time where
-  // AVX-512 compresses the valid lanes in registers (stores of compressed
-  // vectors, not the slow compressing store).
+  // The same for contiguous entries (offset-leading maps), a vector at a time:
+  // the valid lanes moved to the front in registers (AVX-512 compress, not the
+  // slow compressing store; AVX2 a table of permutations), then the whole
+  // vector stored.
   int64_t collect_run(const int32_t* column, int64_t n, int64_t m) {
     int64_t i = 0, count = 0;
 #if defined(__AVX512F__)
@@ -119,6 +137,19 @@ class TilePairs {
       _mm512_storeu_si512(pos + count, _mm512_maskz_compress_epi32(valid, rows));
       count += __builtin_popcount(valid);
       rows = _mm512_add_epi32(rows, sixteen);
+    }
+#elif defined(__AVX2__)
+    int32_t *src = src_.data() + m, *pos = pos_.data() + m;
+    __m256i rows = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i eight = _mm256_set1_epi32(8), minus_one = _mm256_set1_epi32(-1);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(column + i));
+      const int valid = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(e, minus_one)));
+      const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kCompress8[valid].data()));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(src + count), _mm256_permutevar8x32_epi32(e, order));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos + count), _mm256_permutevar8x32_epi32(rows, order));
+      count += __builtin_popcount(valid);
+      rows = _mm256_add_epi32(rows, eight);
     }
 #endif
     const int64_t rest = collect_strided(column + i, 1, n - i, m + count);
