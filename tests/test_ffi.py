@@ -192,6 +192,19 @@ def test_v1_feature_handlers_take_row_major_maps_and_agree_with_v2(name, n, m, k
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["gather_matmul", "gather_matmul_grad"])
+@pytest.mark.parametrize("bad_value", [-2, 300, 2**31 - 1])
+def test_conv_handlers_name_a_bad_entry_in_a_late_tile(name, bad_value, rng):
+    """The conv handlers check entries while collecting each tile's pairs: one bad entry
+    among 27 x 5000 (the fourth of five row tiles) is reported by its place in the map."""
+    n, m, k = 300, 5000, 27
+    nbr = np.where(rng.random((k, m)) < 0.3, rng.integers(0, n, size=(k, m)), -1).astype(np.int32)
+    nbr[20, 4500] = bad_value
+    args = _feature_args(name, rng, n, m, k, 8, 8, jnp.float32, jnp.asarray(nbr))
+    with pytest.raises(Exception, match=f"nbr entry {20 * m + 4500} is {bad_value}, outside \\[-1, {n}\\)"):
+        jax.block_until_ready(getattr(ffi, name)(*args))
+
+
 _THREADS_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp
 import jax_sparseconv as jsc

@@ -4,10 +4,13 @@
 //   GatherMatmulGrad: dw[k] = sum_r x[nbr[k, r]]^T g[r]    (kernel grad)
 // with offset-leading maps nbr [K, M]; the V1 handlers take them [M, K].
 // Work is proportional to the valid pairs; -1 entries cost one comparison.
+// Every entry is checked while a tile's pairs are collected, before any row
+// is gathered.
 // Each output element is produced by one task in a fixed order: results do
 // not depend on the number of threads.
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -118,14 +121,17 @@ void accumulate_rows(const Acc* const* a, int64_t m, const Acc* w, int64_t cin,
   }
 }
 
+// Returns false when a neighbour entry lies outside [-1, n) (x has n rows):
+// that tile gathers nothing.
 template <typename T>
-void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
+bool gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t n, int64_t cin,
                    const T* w_in, int64_t K, int64_t cout, const int32_t* nbr,
                    MapLayout layout, int64_t rows, typename Accum<T>::type* out) {
   using Acc = typename Accum<T>::type;
   std::vector<Acc> w(K * cin * cout);
   for (size_t e = 0; e < w.size(); ++e) w[e] = static_cast<Acc>(to_float(w_in[e]));
   const int64_t tile_rows = tile_rows_for(K);
+  std::atomic<bool> valid{true};
   parallel_for(pool, (rows + tile_rows - 1) / tile_rows, [&](int64_t tile) {
     thread_local TilePairs pairs;
     thread_local RowGather<T, Acc> x_rows;
@@ -133,7 +139,10 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
     const int64_t end = std::min(rows, begin + tile_rows);
     Acc* acc = out + begin * cout;
     std::fill(acc, acc + (end - begin) * cout, Acc(0));
-    pairs.collect(nbr, layout, K, begin, end);
+    if (!pairs.collect(nbr, layout, K, begin, end, n)) {
+      valid.store(false, std::memory_order_relaxed);
+      return;
+    }
     for (int64_t k = 0; k < K; ++k) {
       const int64_t m = pairs.count(k);
       if (m == 0) continue;
@@ -141,6 +150,7 @@ void gather_matmul(ffi::ThreadPool& pool, const T* x, int64_t cin,
                       cin, cout, pairs.pos(k), acc);
     }
   });
+  return valid.load();
 }
 
 // dw[ci, c0 : c0 + NV * lanes] += sum_j a[j][ci] * g[j][c0 : ...] for the
@@ -192,9 +202,10 @@ void accumulate_outer(const Acc* const* a, const Acc* const* g, int64_t m, int64
 
 // Tiles of output rows are grouped into fixed chunks (set by the shapes, not
 // the thread count); each chunk sums its tiles' products into its own
-// partial dw, and the partials are added in chunk order.
+// partial dw, and the partials are added in chunk order. Returns false when a
+// neighbour entry lies outside [-1, n) (x has n rows).
 template <typename T>
-void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
+bool gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t n, int64_t cin,
                         const T* g, int64_t cout, const int32_t* nbr,
                         MapLayout layout, int64_t rows, int64_t K,
                         typename Accum<T>::type* dw) {
@@ -207,6 +218,7 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
   const int64_t tiles_per_chunk = (tiles + target_chunks - 1) / target_chunks;
   const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   std::vector<Acc> partials((chunks - 1) * size);  // chunk 0 sums into dw
+  std::atomic<bool> valid{true};
   parallel_for(pool, chunks, [&](int64_t chunk) {
     thread_local TilePairs pairs;
     thread_local RowGather<T, Acc> x_rows, g_rows;
@@ -215,7 +227,10 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
     const int64_t last = std::min(tiles, (chunk + 1) * tiles_per_chunk);
     for (int64_t tile = chunk * tiles_per_chunk; tile < last; ++tile) {
       const int64_t begin = tile * tile_rows;
-      pairs.collect(nbr, layout, K, begin, std::min(rows, begin + tile_rows));
+      if (!pairs.collect(nbr, layout, K, begin, std::min(rows, begin + tile_rows), n)) {
+        valid.store(false, std::memory_order_relaxed);
+        return;
+      }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t m = pairs.count(k);
         if (m == 0) continue;
@@ -232,6 +247,7 @@ void gather_matmul_grad(ffi::ThreadPool& pool, const T* x, int64_t cin,
       for (int64_t e = begin; e < end; ++e) dw[e] += part[e];
     }
   });
+  return valid.load();
 }
 
 // allow_tf32 is ignored: products on the CPU are always full float32.
@@ -243,17 +259,17 @@ ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   MatmulDims d{};
   if (auto err = check_gather_matmul(x, w, nbr, *out, OffsetsLeading, &d); err.failure()) return err;
   const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
-  if (auto err = check_neighbours(pool, nbr.typed_data(), rows * K, n, "nbr");
-      err.failure())
-    return err;
-  return dispatch_float(x.element_type(), out->element_type(), "gather_matmul", [&](auto tag) {
+  bool valid = true;
+  auto err = dispatch_float(x.element_type(), out->element_type(), "gather_matmul", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    gather_matmul(pool, reinterpret_cast<const T*>(x.untyped_data()), cin,
-                  reinterpret_cast<const T*>(w.untyped_data()), K, cout,
-                  nbr.typed_data(), MapLayout::make(OffsetsLeading, rows, K), rows,
-                  reinterpret_cast<Acc*>(out->untyped_data()));
+    valid = gather_matmul(pool, reinterpret_cast<const T*>(x.untyped_data()), n, cin,
+                          reinterpret_cast<const T*>(w.untyped_data()), K, cout,
+                          nbr.typed_data(), MapLayout::make(OffsetsLeading, rows, K), rows,
+                          reinterpret_cast<Acc*>(out->untyped_data()));
   });
+  if (err.failure()) return err;
+  return valid ? ffi::Error::Success() : first_bad_neighbour(nbr.typed_data(), rows * K, n, "nbr");
 }
 
 template <bool OffsetsLeading>
@@ -264,17 +280,17 @@ ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, OffsetsLeading, &d); err.failure())
     return err;
   const int64_t n = d.n, cin = d.cin, K = d.K, cout = d.cout, rows = d.rows;
-  if (auto err = check_neighbours(pool, nbr.typed_data(), rows * K, n, "nbr");
-      err.failure())
-    return err;
-  return dispatch_float(x.element_type(), dw->element_type(), "gather_matmul_grad", [&](auto tag) {
+  bool valid = true;
+  auto err = dispatch_float(x.element_type(), dw->element_type(), "gather_matmul_grad", [&](auto tag) {
     using T = decltype(tag);
     using Acc = typename Accum<T>::type;
-    gather_matmul_grad(pool, reinterpret_cast<const T*>(x.untyped_data()), cin,
-                       reinterpret_cast<const T*>(g.untyped_data()), cout,
-                       nbr.typed_data(), MapLayout::make(OffsetsLeading, rows, K), rows, K,
-                       reinterpret_cast<Acc*>(dw->untyped_data()));
+    valid = gather_matmul_grad(pool, reinterpret_cast<const T*>(x.untyped_data()), n, cin,
+                               reinterpret_cast<const T*>(g.untyped_data()), cout,
+                               nbr.typed_data(), MapLayout::make(OffsetsLeading, rows, K), rows, K,
+                               reinterpret_cast<Acc*>(dw->untyped_data()));
   });
+  if (err.failure()) return err;
+  return valid ? ffi::Error::Success() : first_bad_neighbour(nbr.typed_data(), rows * K, n, "nbr");
 }
 
 }  // namespace

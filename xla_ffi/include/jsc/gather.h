@@ -22,6 +22,17 @@
 
 namespace jsc {
 
+// The error for the first entry of nbr [count] outside [-1, rows), which the
+// caller found to exist.
+inline ffi::Error first_bad_neighbour(const int32_t* nbr, int64_t count, int64_t rows,
+                                      const char* name) {
+  int64_t e = 0;
+  while (e + 1 < count && nbr[e] >= -1 && nbr[e] < rows) ++e;
+  return invalid(std::string(name) + " entry " + std::to_string(e) + " is " +
+                 std::to_string(nbr[e]) + ", outside [-1, " +
+                 std::to_string(rows) + ")");
+}
+
 // Every neighbour-map entry is -1 or a row of a table with `rows` rows. The
 // entries are scanned in parallel blocks; only when one holds a bad entry is
 // the map searched again, in order, for the first one to report.
@@ -33,7 +44,6 @@ inline ffi::Error check_neighbours(ffi::ThreadPool& pool, const int32_t* nbr,
   // (an int32 entry is < 2^31); the largest one per block is a vectorised
   // reduction.
   const uint32_t limit = static_cast<uint32_t>(std::min<int64_t>(rows, INT32_MAX));
-  auto bad = [limit](int32_t e) { return static_cast<uint32_t>(e) + 1u > limit; };
   std::atomic<bool> any_bad{false};
   parallel_for(pool, (count + kBlock - 1) / kBlock, [&](int64_t block) {
     const int64_t end = std::min(count, (block + 1) * kBlock);
@@ -43,12 +53,7 @@ inline ffi::Error check_neighbours(ffi::ThreadPool& pool, const int32_t* nbr,
     }
     if (largest > limit) any_bad.store(true, std::memory_order_relaxed);
   });
-  if (!any_bad.load()) return ffi::Error::Success();
-  int64_t e = 0;
-  while (!bad(nbr[e])) ++e;
-  return invalid(std::string(name) + " entry " + std::to_string(e) + " is " +
-                 std::to_string(nbr[e]) + ", outside [-1, " +
-                 std::to_string(rows) + ")");
+  return any_bad.load() ? first_bad_neighbour(nbr, count, rows, name) : ffi::Error::Success();
 }
 
 // Rows per tile of the feature kernels: fewer for large kernels, so that a
@@ -77,10 +82,14 @@ inline constexpr auto kCompress8 = compress_table();
 // with K offsets laid out as `layout`, grouped by offset: those of offset k are
 // pos(k)[j] (the row minus begin) and src(k)[j] (the entry) for j < count(k),
 // in row order. The tile is scanned one offset at a time, which writes each
-// offset's pairs in place: no sort.
+// offset's pairs in place: no sort. The same pass checks the entries: collect
+// returns false (and the pairs must not be used) unless every one is -1 or a
+// row below `table_rows`.
 class TilePairs {
  public:
-  void collect(const int32_t* nbr, MapLayout layout, int64_t K, int64_t begin, int64_t end) {
+  bool collect(const int32_t* nbr, MapLayout layout, int64_t K, int64_t begin, int64_t end,
+               int64_t table_rows) {
+    largest_ = 0;
     const int64_t entries = (end - begin) * K + kSlack;
     if (static_cast<int64_t>(src_.size()) < entries) {
       src_.resize(entries);
@@ -95,6 +104,8 @@ class TilePairs {
                                 : collect_strided(column, layout.row_step, end - begin, m);
     }
     start_[K] = static_cast<int32_t>(m);
+    // entry + 1 as uint32 is <= table_rows exactly when -1 <= entry < table_rows.
+    return largest_ <= static_cast<uint64_t>(table_rows);
   }
 
   int64_t count(int64_t k) const { return start_[k + 1] - start_[k]; }
@@ -111,12 +122,15 @@ class TilePairs {
     // Local pointers: stores through them cannot alias the loop's bounds.
     int32_t *src = src_.data() + m, *pos = pos_.data() + m;
     int64_t count = 0;
+    uint32_t largest = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t e = column[i * step];
       src[count] = e;
       pos[count] = static_cast<int32_t>(i);
       count += e >= 0;
+      largest = std::max(largest, static_cast<uint32_t>(e) + 1u);
     }
+    largest_ = std::max<uint64_t>(largest_, largest);
     return count;
   }
 
@@ -130,20 +144,30 @@ class TilePairs {
     int32_t *src = src_.data() + m, *pos = pos_.data() + m;
     __m512i rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i sixteen = _mm512_set1_epi32(16), zero = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i largest = zero;
     for (; i + 16 <= n; i += 16) {
       const __m512i e = _mm512_loadu_si512(column + i);
+      // (the masked form: gcc 12 warns about the undefined source of the plain one)
+      largest = _mm512_mask_max_epu32(largest, 0xffff, largest, _mm512_add_epi32(e, one));
       const __mmask16 valid = _mm512_cmpge_epi32_mask(e, zero);
       _mm512_storeu_si512(src + count, _mm512_maskz_compress_epi32(valid, e));
       _mm512_storeu_si512(pos + count, _mm512_maskz_compress_epi32(valid, rows));
       count += __builtin_popcount(valid);
       rows = _mm512_add_epi32(rows, sixteen);
     }
+    alignas(64) uint32_t lanes[16];
+    _mm512_store_si512(lanes, largest);
+    largest_ = std::max<uint64_t>(largest_, *std::max_element(lanes, lanes + 16));
 #elif defined(__AVX2__)
     int32_t *src = src_.data() + m, *pos = pos_.data() + m;
     __m256i rows = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i eight = _mm256_set1_epi32(8), minus_one = _mm256_set1_epi32(-1);
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i largest = _mm256_setzero_si256();
     for (; i + 8 <= n; i += 8) {
       const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(column + i));
+      largest = _mm256_max_epu32(largest, _mm256_add_epi32(e, one));
       const int valid = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(e, minus_one)));
       const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kCompress8[valid].data()));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(src + count), _mm256_permutevar8x32_epi32(e, order));
@@ -151,6 +175,9 @@ class TilePairs {
       count += __builtin_popcount(valid);
       rows = _mm256_add_epi32(rows, eight);
     }
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), largest);
+    largest_ = std::max<uint64_t>(largest_, *std::max_element(lanes, lanes + 8));
 #endif
     const int64_t rest = collect_strided(column + i, 1, n - i, m + count);
     int32_t* rest_pos = pos_.data() + m + count;
@@ -159,6 +186,7 @@ class TilePairs {
   }
 
   std::vector<int32_t> start_, pos_, src_;
+  uint64_t largest_ = 0;  // the largest entry + 1 (as uint32) seen by collect
 };
 
 // Rows x[src[j], :] in the accumulation type Acc, for j < m: pointers into x
