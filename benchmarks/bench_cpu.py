@@ -25,6 +25,15 @@ spconv (optional: ``pip install ".[compare]"``, spconv 2.3.8 with torch 2.13.0 C
   over the active rows (rows matched by site), on the same inputs and weights.
 - has no CPU backward, so the training step is ours alone.
 
+Open3D (optional: ``pip install open3d-cpu==0.20.0``, with Debian's ``libusb-1.0-0``; it works
+with torch 2.13.0): ``open3d.ml.torch.layers.SparseConv`` on the SubM cases, with voxel-centre
+positions in voxel units and the output positions equal to the input's (a submanifold conv).
+Called as Open3D-ML's networks call it, the layer searches the neighbours (a spatial hash table
+and a fixed-radius search) in every call ("searched"); it has no public way to reuse them, so
+the benchmark also times the convolution alone on the neighbour lists of an earlier call
+(``ops.continuous_conv`` with the layer's own arguments: "reused", the counterpart of a reused
+rulebook). It runs on the worker's CPUs and is checked against ours like spconv.
+
 Ours: the ``ffi`` backend (native kernels) and the ``xla`` backend (pure JAX), jitted, on the
 worker's threads. SubM rows also give the achieved GFLOP/s (2 x pairs x C^2 / time) and XLA's
 dense float32 matmul rate for the same ``[pairs, C] x [C, C]`` shape, measured in the same run.
@@ -73,6 +82,10 @@ try:
     from spconv.pytorch import ops as spconv_ops
 except ImportError:
     spconv = torch = spconv_ops = None
+try:
+    import open3d.ml.torch as open3d_ml
+except ImportError:
+    open3d_ml = None
 
 
 # ---- timing -------------------------------------------------------------------------------
@@ -161,6 +174,31 @@ class Spconv:
         return layer.to(self.device).eval()
 
 
+def open3d_subm_calls(x: jsc.SparseConvTensor, features, kernel):
+    """``(searching, reusing)``: Open3D's SparseConv over ``x``'s active sites (one scan) with
+    our ``[3, 3, 3, C, C]`` kernel (it indexes offsets as Open3D's does: z, y, x for positions
+    given x, y, z), and its convolution alone on the neighbours the first call found."""
+    active = np.asarray(x.active)
+    zyx = np.asarray(x.indices)[active][:, 1:]
+    positions = torch.from_numpy(zyx[:, ::-1].astype(np.float32) + 0.5)
+    rows = torch.from_numpy(np.asarray(features)[active])
+    layer = open3d_ml.layers.SparseConv(in_channels=kernel.shape[-2], filters=kernel.shape[-1], kernel_size=[3, 3, 3],
+                                        use_bias=False)
+    with torch.no_grad():
+        layer.kernel.copy_(torch.from_numpy(np.asarray(kernel)))
+
+    def searching():
+        with torch.no_grad():
+            return layer(rows, positions, positions, voxel_size=1.0)
+
+    searching()  # leaves the neighbour lists and the other arguments in layer._conv_values
+
+    def reusing():
+        with torch.no_grad():
+            return open3d_ml.ops.continuous_conv(**{**layer._conv_values, "inp_features": rows})
+    return searching, reusing
+
+
 def site_order(indices: np.ndarray) -> np.ndarray:
     """The permutation that sorts rows by their site (batch, then coordinates)."""
     return np.lexsort(indices.T[::-1])
@@ -232,6 +270,11 @@ def op_cases(x: jsc.SparseConvTensor, args, ref: Spconv | None, spconv_threads: 
             layer = ref.load(spconv.SubMConv3d(c, c, 3, bias=False, indice_key="subm"), w)
             st = ref.tensor(t.features, like=spconv_seed)
             theirs(case, lambda: layer(st), out, reuses_rulebook=True, flops=flops)
+        if open3d_ml is not None and args.device == "cpu" and x.batch_size == 1:
+            reference = np.asarray(out.features)[np.asarray(out.active)]
+            for impl, call in zip(("open3d searched", "open3d"), open3d_subm_calls(x, t.features, w)):
+                record(case, impl, median_time(call, args.repeats), flops=flops,
+                       error=float(np.max(np.abs(call().numpy() - reference)) / np.max(np.abs(reference))))
 
     cin, cout = 32, 64
     t = x.replace_feature(jax.random.normal(key, (x.capacity, cin)))
@@ -352,18 +395,22 @@ def add_ratios(rows: list[dict]) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per case; per worker (thread count): our backends, spconv on 1 thread and our
-    ffi time over it, spconv on the worker's threads with its error; GFLOP/s of the last worker."""
+    ffi time over it, spconv on the worker's threads with its error, Open3D (where it ran) with
+    its error; GFLOP/s of the last worker."""
     num = lambda v, digits=1: "" if v is None else f"{v:.{digits}f}"  # noqa: E731
     workers = list(dict.fromkeys(r["worker"] for r in rows))
     last = workers[-1]
     by = {(r["case"], r["worker"], r["impl"], r["threads"]): r for r in rows}
     backends = [impl for impl in ("ffi", "xla") if any(r["impl"] == impl for r in rows)]
+    with_open3d = any(r["impl"] == "open3d" for r in rows)
     header = ["case"]
     for w in workers:
         t = w or "GPU"
         header += [f"{impl} {t}t ms" for impl in backends] + [f"spconv 1t ms ({t}t run)", f"ffi {t}t / spconv 1t"]
         if w not in (1, None):
             header.append(f"spconv {t}t ms (error)")
+        if with_open3d:
+            header.append(f"Open3D {t}t ms: reused / searched (error)")
     header += [f"ffi {last or 'GPU'}t GFLOP/s (dense matmul)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in dict.fromkeys(r["case"] for r in rows):
@@ -377,6 +424,10 @@ def markdown_table(rows: list[dict]) -> str:
                 many = by.get((case, w, "spconv", w))
                 cells.append("" if many is None else f"{many['ms']:.1f} ({many['error']:.2f})"
                              if many["error"] is not None else f"{many['ms']:.1f}")
+            if with_open3d:
+                peer, searched = by.get((case, w, "open3d", w)), by.get((case, w, "open3d searched", w))
+                cells.append("" if peer is None else f"{peer['ms']:.1f} / {searched['ms']:.0f} "
+                                                     f"({max(peer['error'], searched['error']):.0e})")
         ffi = by.get((case, last, "ffi", last))
         cells.append("" if ffi is None or ffi["gflops"] is None else
                      f"{ffi['gflops']:.0f} ({ffi['dense_gflops']:.0f})")
@@ -384,7 +435,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-STYLE = {"ffi": ("C0", "ours (ffi)"), "xla": ("C2", "ours (xla)"), "spconv": ("C1", "spconv 2.3.8")}
+STYLE = {"ffi": ("C0", "ours (ffi)"), "xla": ("C2", "ours (xla)"), "spconv": ("C1", "spconv 2.3.8"),
+         "open3d": ("C3", "Open3D 0.20, neighbours reused"), "open3d searched": ("C4", "Open3D 0.20, neighbours searched")}
 
 
 def plot(rows: list[dict], machine: dict, path: Path) -> None:
@@ -394,8 +446,10 @@ def plot(rows: list[dict], machine: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     last_worker = max(r["worker"] or 0 for r in rows)
-    # spconv on 1 thread ran in every worker: show the run beside our largest thread count.
-    shown = [r for r in rows if not (r["impl"] == "spconv" and r["threads"] == 1 and (r["worker"] or 0) != last_worker)]
+    # spconv on 1 thread ran in every worker: show the run beside our largest thread count; Open3D
+    # only on the most threads.
+    shown = [r for r in rows if not (r["impl"] == "spconv" and r["threads"] == 1 and (r["worker"] or 0) != last_worker)
+             and not (r["impl"].startswith("open3d") and (r["worker"] or 0) != last_worker)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=[1, 1.4]))
     series: dict[tuple, list] = {}
     for r in shown:
