@@ -26,7 +26,8 @@ spconv (optional: ``pip install ".[compare]"``, spconv 2.3.8 with torch 2.13.0 C
 - has no CPU backward, so the training step is ours alone.
 
 Open3D (optional: ``pip install open3d-cpu==0.20.0``, with Debian's ``libusb-1.0-0``; it works
-with torch 2.13.0): ``open3d.ml.torch.layers.SparseConv`` on the SubM cases, with voxel-centre
+with torch 2.13.0; keep it out of the environment that runs our tests, whose warning filters
+turn its dependency dash's pytest plugin into an error): ``open3d.ml.torch.layers.SparseConv`` on the SubM cases, with voxel-centre
 positions in voxel units and the output positions equal to the input's (a submanifold conv).
 Called as Open3D-ML's networks call it, the layer searches the neighbours (a spatial hash table
 and a fixed-radius search) in every call ("searched"); it has no public way to reuse them, so
