@@ -36,7 +36,7 @@ ffi::Error check_pool_args(ffi::ThreadPool& pool, const ffi::AnyBuffer& table,
 // where keep(k, nbr[r, k], c).
 template <typename T, typename Acc, typename Keep>
 void gather_sum_rows(ffi::ThreadPool& pool, const T* x, const int32_t* nbr,
-                     const PoolMap& map, int64_t C, Acc* out, Keep keep) {
+                     const MapDims& map, int64_t C, Acc* out, Keep keep) {
   const int64_t K = map.K;
   parallel_for_rows(pool, map.rows, kTileRows, [&](int64_t r) {
     Acc* orow = out + r * C;
@@ -60,7 +60,7 @@ ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   if (auto err = check_pool_args(pool, x, nbr, OffsetsLeading, "gather_sum");
       err.failure())
     return err;
-  const PoolMap map = pool_map(nbr, OffsetsLeading);
+  const MapDims map = map_dims(nbr, OffsetsLeading);
   const int64_t C = x.dimensions()[1];
   if (auto err = check_matrix(*out, "out", map.rows, C); err.failure()) return err;
   const int32_t* nb = nbr.typed_data();
@@ -81,7 +81,7 @@ ffi::Error GatherMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   if (auto err = check_pool_args(pool, x, nbr, OffsetsLeading, "gather_max");
       err.failure())
     return err;
-  const PoolMap map = pool_map(nbr, OffsetsLeading);
+  const MapDims map = map_dims(nbr, OffsetsLeading);
   const int64_t C = x.dimensions()[1], rows = map.rows, K = map.K;
   if (auto err = check_matrix(*argk, "argk", rows, C); err.failure()) return err;
   if (auto err = check_matrix(*out, "out", rows, C); err.failure()) return err;
@@ -122,7 +122,7 @@ ffi::Error GatherMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g,
   if (auto err = check_pool_args(pool, g, in_nbr, OffsetsLeading, "gather_max_grad");
       err.failure())
     return err;
-  const PoolMap map = pool_map(in_nbr, OffsetsLeading);
+  const MapDims map = map_dims(in_nbr, OffsetsLeading);
   const int64_t C = g.dimensions()[1];
   if (auto err = check_matrix(argk, "argk", g.dimensions()[0], C); err.failure())
     return err;

@@ -35,7 +35,7 @@ struct KeepArgmax {
 // out[r, c] = sum_k x[nbr[r, k], c] over the entries where keep(k, s, c).
 template <typename T, typename Acc, typename Keep>
 __global__ void gather_sum_kernel(const T* x, int64_t n, const int32_t* nbr,
-                                  PoolMap map, int64_t C, Acc* out, Keep keep) {
+                                  MapDims map, int64_t C, Acc* out, Keep keep) {
   const int64_t e = thread_index();
   if (e >= map.rows * C) return;
   const int64_t r = e / C, c = e % C;
@@ -49,7 +49,7 @@ __global__ void gather_sum_kernel(const T* x, int64_t n, const int32_t* nbr,
 
 template <typename T, typename Acc>
 __global__ void gather_max_kernel(const T* x, int64_t n, const int32_t* nbr,
-                                  PoolMap map, int64_t C, Acc* out, int32_t* argk) {
+                                  MapDims map, int64_t C, Acc* out, int32_t* argk) {
   const int64_t e = thread_index();
   if (e >= map.rows * C) return;
   const int64_t r = e / C, c = e % C;
@@ -70,7 +70,7 @@ __global__ void gather_max_kernel(const T* x, int64_t n, const int32_t* nbr,
 
 template <typename Keep>
 ffi::Error gather_sum(cudaStream_t stream, const ffi::AnyBuffer& x,
-                      const S32& nbr, const PoolMap& map, ffi::AnyBuffer& out, Keep keep,
+                      const S32& nbr, const MapDims& map, ffi::AnyBuffer& out, Keep keep,
                       const char* what) {
   const int64_t n = x.dimensions()[0], C = x.dimensions()[1];
   auto err = dispatch_float(x.element_type(), out.element_type(), what, [&](auto tag) {
@@ -88,7 +88,7 @@ template <bool OffsetsLeading>
 ffi::Error GatherSumImpl(cudaStream_t stream, ffi::AnyBuffer x, S32 nbr,
                          ffi::Result<ffi::AnyBuffer> out) {
   if (auto err = check_pool_shapes(x, nbr, OffsetsLeading, "gather_sum"); err.failure()) return err;
-  const PoolMap map = pool_map(nbr, OffsetsLeading);
+  const MapDims map = map_dims(nbr, OffsetsLeading);
   if (auto err = check_matrix(*out, "out", map.rows, x.dimensions()[1]); err.failure())
     return err;
   return gather_sum(stream, x, nbr, map, *out, KeepAll{}, "gather_sum");
@@ -99,7 +99,7 @@ ffi::Error GatherMaxImpl(cudaStream_t stream, ffi::AnyBuffer x, S32 nbr,
                          ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<S32> argk) {
   if (auto err = check_pool_shapes(x, nbr, OffsetsLeading, "gather_max"); err.failure()) return err;
-  const PoolMap map = pool_map(nbr, OffsetsLeading);
+  const MapDims map = map_dims(nbr, OffsetsLeading);
   const int64_t n = x.dimensions()[0], C = x.dimensions()[1], rows = map.rows;
   if (auto err = check_matrix(*argk, "argk", rows, C); err.failure()) return err;
   if (auto err = check_matrix(*out, "out", rows, C); err.failure()) return err;
@@ -119,7 +119,7 @@ ffi::Error GatherMaxGradImpl(cudaStream_t stream, ffi::AnyBuffer g, S32 argk,
   // in_nbr entries are rows of g (outputs of the pool).
   if (auto err = check_pool_shapes(g, in_nbr, OffsetsLeading, "gather_max_grad"); err.failure())
     return err;
-  const PoolMap map = pool_map(in_nbr, OffsetsLeading);
+  const MapDims map = map_dims(in_nbr, OffsetsLeading);
   const int64_t C = g.dimensions()[1];
   if (auto err = check_matrix(argk, "argk", g.dimensions()[0], C); err.failure())
     return err;

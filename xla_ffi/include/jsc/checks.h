@@ -14,6 +14,21 @@ namespace jsc {
 
 using S32Buffer = ffi::Buffer<ffi::S32>;
 
+// "[M, K]" (v1 targets) or "[K, M]" (v2, offsets_leading): a neighbour map's shape.
+inline const char* map_shape(bool offsets_leading) { return offsets_leading ? "[K, M]" : "[M, K]"; }
+
+// The rows, offsets and layout of a rank-2 neighbour map, [M, K] or, offsets_leading,
+// [K, M].
+struct MapDims {
+  int64_t rows, K;
+  MapLayout layout;
+};
+inline MapDims map_dims(const S32Buffer& nbr, bool offsets_leading) {
+  const auto d = nbr.dimensions();
+  const int64_t rows = d[offsets_leading ? 1 : 0], K = d[offsets_leading ? 0 : 1];
+  return {rows, K, MapLayout::make(offsets_leading, rows, K)};
+}
+
 // Operands of jsc_build_rulebook: indices [rows, ndim + 1], out_indices
 // [out_capacity, ndim + 1], out_nbr [out_capacity, K] and in_nbr [rows, K]
 // (v1) or [K, out_capacity] and [K, rows] (v2, offsets_leading), needed [].
@@ -30,13 +45,11 @@ inline ffi::Error check_rulebook_buffers(const ConvGeometry& g,
   *rows = indices.dimensions().size() == 2 ? indices.dimensions()[0] : -1;
   if (auto err = check_matrix(indices, "indices", -1, cols); err.failure())
     return err;
-  const int row_axis = offsets_leading ? 1 : 0;
-  *out_capacity =
-      out_nbr.dimensions().size() == 2 ? out_nbr.dimensions()[row_axis] : -1;
   if (auto err = offsets_leading ? check_matrix(out_nbr, "out_nbr", K, -1)
                                  : check_matrix(out_nbr, "out_nbr", -1, K);
       err.failure())
     return err;
+  *out_capacity = map_dims(out_nbr, offsets_leading).rows;
   if (auto err = check_matrix(out_indices, "out_indices", *out_capacity, cols);
       err.failure())
     return err;
@@ -52,7 +65,7 @@ inline ffi::Error check_rulebook_buffers(const ConvGeometry& g,
 }
 
 struct MatmulDims {
-  int64_t n, cin, K, cout, rows;  // x [n, cin], w [K, cin, cout], nbr [rows, K]
+  int64_t n, cin, K, cout, rows;  // x [n, cin], w [K, cin, cout], nbr [rows, K] or [K, rows]
 };
 
 // Operands of jsc_gather_matmul: x [N, Cin], w [K, Cin, Cout], nbr [M, K]
@@ -63,13 +76,14 @@ inline ffi::Error check_gather_matmul(const ffi::AnyBuffer& x,
                                       const S32Buffer& nbr,
                                       const ffi::AnyBuffer& out,
                                       bool offsets_leading, MatmulDims* d) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), nd = nbr.dimensions();
-  const char* map = offsets_leading ? "nbr [K, M]" : "nbr [M, K]";
-  if (xd.size() != 2 || wd.size() != 3 || nd.size() != 2) {
-    return invalid(std::string("gather_matmul expects x [N, Cin], w [K, Cin, Cout], ") + map);
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || nbr.dimensions().size() != 2) {
+    return invalid(std::string("gather_matmul expects x [N, Cin], w [K, Cin, Cout], nbr ") +
+                   map_shape(offsets_leading));
   }
-  *d = {xd[0], xd[1], wd[0], wd[2], nd[offsets_leading ? 1 : 0]};
-  if (wd[1] != d->cin || nd[offsets_leading ? 0 : 1] != d->K || x.element_type() != w.element_type()) {
+  const MapDims map = map_dims(nbr, offsets_leading);
+  *d = {xd[0], xd[1], wd[0], wd[2], map.rows};
+  if (wd[1] != d->cin || map.K != d->K || x.element_type() != w.element_type()) {
     return invalid("gather_matmul: x, w and nbr disagree on Cin, K or dtype");
   }
   return check_matrix(out, "out", d->rows, d->cout);
@@ -82,12 +96,13 @@ inline ffi::Error check_gather_matmul_grad(const ffi::AnyBuffer& x,
                                            const S32Buffer& nbr,
                                            const ffi::AnyBuffer& dw,
                                            bool offsets_leading, MatmulDims* d) {
-  const auto xd = x.dimensions(), gd = g.dimensions(), nd = nbr.dimensions();
-  if (xd.size() != 2 || gd.size() != 2 || nd.size() != 2) {
-    return invalid(std::string("gather_matmul_grad expects x [N, Cin], g [M, Cout], ") +
-                   (offsets_leading ? "nbr [K, M]" : "nbr [M, K]"));
+  const auto xd = x.dimensions(), gd = g.dimensions();
+  if (xd.size() != 2 || gd.size() != 2 || nbr.dimensions().size() != 2) {
+    return invalid(std::string("gather_matmul_grad expects x [N, Cin], g [M, Cout], nbr ") +
+                   map_shape(offsets_leading));
   }
-  *d = {xd[0], xd[1], nd[offsets_leading ? 0 : 1], gd[1], nd[offsets_leading ? 1 : 0]};
+  const MapDims map = map_dims(nbr, offsets_leading);
+  *d = {xd[0], xd[1], map.K, gd[1], map.rows};
   if (gd[0] != d->rows || x.element_type() != g.element_type()) {
     return invalid("gather_matmul_grad: g and nbr disagree on rows, or x and g on dtype");
   }
@@ -103,21 +118,10 @@ inline ffi::Error check_gather_matmul_grad(const ffi::AnyBuffer& x,
 inline ffi::Error check_pool_shapes(const ffi::AnyBuffer& table,
                                     const S32Buffer& nbr, bool offsets_leading, const char* what) {
   if (table.dimensions().size() != 2 || nbr.dimensions().size() != 2) {
-    return invalid(std::string(what) + " expects [N, C] features and a " +
-                   (offsets_leading ? "[K, M]" : "[M, K]") + " neighbour map");
+    return invalid(std::string(what) + " expects [N, C] features and a " + map_shape(offsets_leading) +
+                   " neighbour map");
   }
   return ffi::Error::Success();
-}
-
-// The rows, offsets and layout of a checked pooling neighbour map.
-struct PoolMap {
-  int64_t rows, K;
-  MapLayout layout;
-};
-inline PoolMap pool_map(const S32Buffer& nbr, bool offsets_leading) {
-  const auto d = nbr.dimensions();
-  const int64_t rows = d[offsets_leading ? 1 : 0], K = d[offsets_leading ? 0 : 1];
-  return {rows, K, MapLayout::make(offsets_leading, rows, K)};
 }
 
 }  // namespace jsc

@@ -8,20 +8,26 @@
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
 
+// Every handler comes in two versions: <Name>V1 takes neighbour maps [M, K],
+// <Name> (target suffix _v2) the rulebook's own [K, M].
+#define JSC_DECLARE_VERSIONS(Name)            \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(Name##V1);   \
+  XLA_FFI_DECLARE_HANDLER_SYMBOL(Name)
+
 // Declares the handler symbols of one platform in the current namespace.
-#define JSC_DECLARE_HANDLERS()                        \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(BuildRulebookV1);    \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulV1);     \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulGradV1); \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherSumV1);        \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMaxV1);        \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMaxGradV1);    \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(BuildRulebook);      \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmul);       \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMatmulGrad);   \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherSum);          \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMax);          \
-  XLA_FFI_DECLARE_HANDLER_SYMBOL(GatherMaxGrad)
+#define JSC_DECLARE_HANDLERS()                \
+  JSC_DECLARE_VERSIONS(BuildRulebook);        \
+  JSC_DECLARE_VERSIONS(GatherMatmul);         \
+  JSC_DECLARE_VERSIONS(GatherMatmulGrad);     \
+  JSC_DECLARE_VERSIONS(GatherSum);            \
+  JSC_DECLARE_VERSIONS(GatherMax);            \
+  JSC_DECLARE_VERSIONS(GatherMaxGrad)
+
+// targets["jsc_<target>_v1"] and ["jsc_<target>_v2"]: the two versions of
+// handler NS::Name.
+#define JSC_REGISTER_VERSIONS(targets, NS, target, Name)                    \
+  targets["jsc_" target "_v1"] = jsc::handler_capsule(NS::Name##V1);        \
+  targets["jsc_" target "_v2"] = jsc::handler_capsule(NS::Name)
 
 // Defines registrations() (target name to handler capsule), ffi_api_version (of
 // the headers), jaxlib_version (whose headers they are), compiler and version on
@@ -35,27 +41,13 @@
     namespace nb = nanobind;                                                  \
     m.def("registrations", []() {                                             \
       nb::dict targets;                                                       \
-      /* v1: neighbour maps [M, K]; v2: the rulebook's [K, M] */           \
-      targets["jsc_build_rulebook_v1"] =                                      \
-          jsc::handler_capsule(NS::BuildRulebookV1);                          \
-      targets["jsc_gather_matmul_v1"] =                                       \
-          jsc::handler_capsule(NS::GatherMatmulV1);                           \
-      targets["jsc_gather_matmul_grad_v1"] =                                  \
-          jsc::handler_capsule(NS::GatherMatmulGradV1);                       \
-      targets["jsc_gather_sum_v1"] = jsc::handler_capsule(NS::GatherSumV1);   \
-      targets["jsc_gather_max_v1"] = jsc::handler_capsule(NS::GatherMaxV1);   \
-      targets["jsc_gather_max_grad_v1"] =                                     \
-          jsc::handler_capsule(NS::GatherMaxGradV1);                          \
-      targets["jsc_build_rulebook_v2"] =                                      \
-          jsc::handler_capsule(NS::BuildRulebook);                            \
-      targets["jsc_gather_matmul_v2"] =                                       \
-          jsc::handler_capsule(NS::GatherMatmul);                             \
-      targets["jsc_gather_matmul_grad_v2"] =                                  \
-          jsc::handler_capsule(NS::GatherMatmulGrad);                         \
-      targets["jsc_gather_sum_v2"] = jsc::handler_capsule(NS::GatherSum);     \
-      targets["jsc_gather_max_v2"] = jsc::handler_capsule(NS::GatherMax);     \
-      targets["jsc_gather_max_grad_v2"] =                                     \
-          jsc::handler_capsule(NS::GatherMaxGrad);                            \
+      JSC_REGISTER_VERSIONS(targets, NS, "build_rulebook", BuildRulebook);   \
+      JSC_REGISTER_VERSIONS(targets, NS, "gather_matmul", GatherMatmul);     \
+      JSC_REGISTER_VERSIONS(targets, NS, "gather_matmul_grad",               \
+                            GatherMatmulGrad);                               \
+      JSC_REGISTER_VERSIONS(targets, NS, "gather_sum", GatherSum);           \
+      JSC_REGISTER_VERSIONS(targets, NS, "gather_max", GatherMax);           \
+      JSC_REGISTER_VERSIONS(targets, NS, "gather_max_grad", GatherMaxGrad);  \
       return targets;                                                         \
     });                                                                       \
     m.attr("ffi_api_version") =                                               \
