@@ -121,14 +121,14 @@ def _conv_fwd(features, kernel, bias, out_nbr, in_nbr, out_active, backend, prec
     if bias is not None:
         out = jnp.where(out_active[:, None], out + bias, 0)
     bias_rows = None if bias is None else out_active  # None (no leaves) tells the backward pass: no bias
-    return out.astype(features.dtype), (features, kernel, out_nbr, in_nbr, bias_rows)
+    return out.astype(features.dtype), (features, kernel, in_nbr, bias_rows)
 
 
 def _conv_bwd(backend, precision, residuals, g):
-    features, kernel, out_nbr, in_nbr, bias_rows = residuals
+    features, kernel, in_nbr, bias_rows = residuals
     impl = backends.get(backend)
-    d_features = impl.gather_matmul(g, jnp.swapaxes(kernel, 1, 2), in_nbr, precision).astype(features.dtype)
-    d_kernel = impl.gather_matmul_grad(features, g, out_nbr, precision).astype(kernel.dtype)
+    d_features, d_kernel = impl.conv_backward(features, kernel, g, in_nbr, precision)
+    d_features, d_kernel = d_features.astype(features.dtype), d_kernel.astype(kernel.dtype)
     d_bias = None
     if bias_rows is not None:
         d_bias = jnp.sum(jnp.where(bias_rows[:, None], g, 0), axis=0,

@@ -136,3 +136,14 @@ def site_set(indices) -> set[tuple[int, ...]]:
 def dense_site_set(mask) -> set[tuple[int, ...]]:
     """The active sites of a dense ``[B, *spatial]`` bool mask, as index tuples."""
     return {tuple(int(v) for v in row) for row in np.argwhere(np.asarray(mask))}
+
+
+def gather_matmul_grad_reference(x, g, nbr) -> np.ndarray:
+    """``dw[k] = sum_r x[nbr[k, r]]^T g[r]`` (the ffi kernel-gradient handler's sum) in float64
+    with NumPy, ``-1`` entries skipped; the xla backend has no such function (its
+    ``conv_backward`` reads the transposed map)."""
+    x, g, nbr = np.asarray(x, np.float64), np.asarray(g, np.float64), np.asarray(nbr)
+    gathered = np.zeros(nbr.shape + x.shape[1:])  # [K, M, Cin]
+    if len(x):
+        gathered = np.where((nbr >= 0)[..., None], x[np.maximum(nbr, 0)], 0.0)
+    return np.einsum("kmc,md->kcd", gathered, g)

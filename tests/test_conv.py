@@ -252,6 +252,29 @@ def test_max_outputs_per_input_bounds_what_an_input_reaches():
         assert g.max_outputs_per_input() == max(reached), (kernel, stride, dilation)
 
 
+@pytest.mark.parametrize("case", [c for c in GRAD_CASES if len(c.spatial_shape) == 3], ids=str)
+def test_padding_rows_reach_no_result(case, backend, rng):
+    """NaN features in the padding rows (no site) reach no output and no gradient: the
+    backward pass contracts every input row for the kernel gradient on the xla backend."""
+    x = T.random_tensor(rng, case.batch_size, case.spatial_shape, case.channels[0], padding_rows=5)
+    features = jnp.where(x.active[:, None], x.features, jnp.nan)
+    kernel = jnp.asarray(rng.normal(size=case.kernel_size + case.channels), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=case.channels[1]), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(_out_capacity(x, case), case.channels[1])), jnp.float32)
+
+    @jax.jit
+    def loss(features, kernel, bias):
+        y = jsc.sparse_conv(T.with_raw_features(x, features), kernel, bias, out_capacity=_out_capacity(x, case),
+                            backend=backend, **_conv_kwargs(case))
+        return jnp.sum(y.features * cotangent[:y.capacity]), y.features
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(features, kernel, bias)
+    assert np.isfinite(out).all()
+    d_features, d_kernel, d_bias = grads
+    assert np.isfinite(np.asarray(d_features)[np.asarray(x.active)]).all()
+    assert np.isfinite(d_kernel).all() and np.isfinite(d_bias).all()
+
+
 def test_deterministic(backend, rng):
     """Same inputs: bitwise the same outputs and gradients."""
     case = Case(REGULAR, (6, 7, 5), (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), (8, 16), 2)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_sparseconv as jsc
+import sparse_testing as T
 from jax_sparseconv.backends import ffi, xla
 from jax_sparseconv.geometry import MODE_CODES, make_geometry
 
@@ -124,17 +125,21 @@ FEATURE_KERNELS = ["gather_matmul", "gather_matmul_grad", "gather_sum", "gather_
 
 
 def _feature_args(name, rng, n, m, k, cin, cout, dtype, nbr):
+    """Arguments of ffi's ``name`` with the map ``nbr [k, m]`` into a table of ``n`` rows."""
     x = jnp.asarray(rng.normal(size=(n, cin)), dtype)
     if name == "gather_matmul":
         return x, jnp.asarray(rng.normal(size=(k, cin, cout)), dtype), nbr
     if name == "gather_matmul_grad":
         return x, jnp.asarray(rng.normal(size=(m, cout)), dtype), nbr
+    if name == "conv_backward":  # x [m, cin] of the inputs, g [n, cout] read through in_nbr
+        return (jnp.asarray(rng.normal(size=(m, cin)), dtype), jnp.asarray(rng.normal(size=(k, cin, cout)), dtype),
+                jnp.asarray(rng.normal(size=(n, cout)), dtype), nbr)
     if name == "gather_max_grad":  # g [n, C] of pool outputs, argk, in_nbr [K, m] into them
         return x, jnp.asarray(rng.integers(-1, k, size=(n, cin)), jnp.int32), nbr
     return x, nbr
 
 
-@pytest.mark.parametrize("name", FEATURE_KERNELS)
+@pytest.mark.parametrize("name", ["conv_backward"] + FEATURE_KERNELS)
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 9), m=st.integers(0, 9), k=st.integers(1, 4), cin=st.integers(1, 40),
        cout=st.integers(1, 40), low=st.integers(-4, -1), high_extra=st.integers(0, 3),
@@ -149,7 +154,11 @@ def test_feature_handlers_on_hostile_neighbour_maps(name, n, m, k, cin, cout, lo
         with pytest.raises(Exception, match="nbr entry"):
             jax.block_until_ready(getattr(ffi, name)(*args))
         return
-    native, reference = getattr(ffi, name)(*args), getattr(xla, name)(*args)
+    native = getattr(ffi, name)(*args)
+    if name == "gather_matmul_grad":
+        reference = jnp.asarray(T.gather_matmul_grad_reference(*args), xla.accumulator(dtype))
+    else:
+        reference = getattr(xla, name)(*args)
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
     for a, b in zip(jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(reference)):
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -3,7 +3,7 @@
 A backend is a module with these functions (shapes in the docstrings of ``xla.py``):
 
 - ``build_rulebook(indices, geometry, batch_size, out_capacity)``
-- ``gather_matmul(x, w, nbr, precision)`` and ``gather_matmul_grad(x, g, nbr, precision)``: convolution
+- ``gather_matmul(x, w, nbr, precision)`` and ``conv_backward(x, w, g, in_nbr, precision)``: convolution
 - ``gather_sum(x, nbr)``, ``gather_max(x, nbr)``, ``gather_max_grad(g, argk, in_nbr)``: pooling
 
 Ops name a backend with a string, resolved here: ``"xla"``, ``"ffi"`` (the native kernels,

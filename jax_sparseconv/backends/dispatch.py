@@ -22,7 +22,7 @@ from jax.interpreters import batching, mlir
 from jax_sparseconv.backends import ffi, xla
 
 # Backend functions and how many leading arguments are arrays (the rest are static).
-ARRAY_ARGUMENTS = {"build_rulebook": 1, "gather_matmul": 3, "gather_matmul_grad": 3, "gather_sum": 2,
+ARRAY_ARGUMENTS = {"build_rulebook": 1, "gather_matmul": 3, "conv_backward": 4, "gather_sum": 2,
                    "gather_max": 2, "gather_max_grad": 3}
 
 

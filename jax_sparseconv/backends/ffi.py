@@ -217,12 +217,21 @@ def gather_matmul(x, w, nbr, precision=None):
 
 
 def gather_matmul_grad(x, g, nbr, precision=None):
-    """``dw[k] = sum_r x[nbr[k, r]]^T @ g[r]``, ``[K, Cin, Cout]`` (see xla.py).
+    """``dw[k] = sum_r x[nbr[k, r]]^T @ g[r]``, ``[K, Cin, Cout]`` in the accumulation dtype.
 
     Under vmap it runs once per item (the sums must stay per item): the handler's own
     "sequential" batching. ``precision`` as in ``gather_matmul``.
     """
     return _gather_matmul_grad(x, g, nbr, allows_tf32(precision))
+
+
+def conv_backward(x, w, g, in_nbr, precision=None):
+    """``(dx, dw)``: a conv's gradients read through ``in_nbr`` (see xla.py), from the input
+    gradient's gather-matmul and the kernel gradient's handler on the transposed map
+    (``dw[k]^T = sum_i g[in_nbr[k, i]]^T x[i]``)."""
+    dx = gather_matmul(g, jnp.swapaxes(w, 1, 2), in_nbr, precision)
+    dw = jnp.swapaxes(gather_matmul_grad(g, x, in_nbr, precision), 1, 2)
+    return dx, dw
 
 
 def gather_sum(x, nbr):

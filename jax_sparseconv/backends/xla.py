@@ -288,7 +288,7 @@ def _offset_rows(nbr: jax.Array, k) -> jax.Array:
 def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
     """``out[r] = sum_k x[nbr[k, r]] @ w[k]``: ``x [N, Cin]``, ``w [K, Cin, Cout]``, ``nbr [K, M]``.
 
-    Conv forward (with out_nbr) and its input gradient (with in_nbr and w transposed).
+    The conv forward (with out_nbr).
     Returns ``[M, Cout]`` in the accumulation dtype; ``precision`` as in ``jnp.matmul``.
     """
     acc = accumulator(x.dtype)
@@ -300,19 +300,28 @@ def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) ->
     return lax.fori_loop(0, w.shape[0], step, vary_like(jnp.zeros((nbr.shape[1], w.shape[2]), acc), x, w, nbr))
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def gather_matmul_grad(x: jax.Array, g: jax.Array, nbr: jax.Array, precision=None) -> jax.Array:
-    """``dw[k] = sum_r x[nbr[k, r]]^T @ g[r]``: the kernel gradient, ``[K, Cin, Cout]``."""
+@functools.partial(jax.jit, static_argnums=4)
+def conv_backward(x: jax.Array, w: jax.Array, g: jax.Array, in_nbr: jax.Array, precision=None):
+    """Gradients of ``out[r] = sum_k x[out_nbr[k, r]] @ w[k]`` from its cotangent ``g [M, Cout]``,
+    read through the transposed map ``in_nbr [K, N]`` (see rulebook.py):
+    ``dx[i] = sum_k g[in_nbr[k, i]] @ w[k]^T`` and ``dw[k] = x^T @ g[in_nbr[k]]``, so one gather
+    of ``g`` per offset serves both. Returns ``(dx [N, Cin], dw [K, Cin, Cout])`` in the
+    accumulation dtype; ``precision`` as in ``jnp.matmul``.
+    """
     acc = accumulator(x.dtype)
+    # dw contracts every row of x: rows that feed no output (padding) must not bring NaNs.
+    x = jnp.where(jnp.any(in_nbr >= 0, axis=0)[:, None], x, 0)
 
-    # The barrier keeps the gather out of the matmul that contracts the gathered rows: for
-    # TPU that fusion compiles about twice as slowly, per convolution (issue 18's note).
-    def one_offset(rows):
-        gathered = lax.optimization_barrier(_gather_rows(x, rows))
-        return lax.dot_general(gathered, g, (((0,), (0,)), ((), ())), precision=precision,
+    def step(dx, offset):
+        rows, w_k = offset
+        gathered = _gather_rows(g, rows)
+        dx = dx + jnp.matmul(gathered, w_k.T, precision=precision, preferred_element_type=acc)
+        dw_k = lax.dot_general(x, gathered, (((0,), (0,)), ((), ())), precision=precision,
                                preferred_element_type=acc)
+        return dx, dw_k
 
-    return lax.map(one_offset, nbr)
+    dx = vary_like(jnp.zeros((in_nbr.shape[1], w.shape[1]), acc), x, w, g, in_nbr)
+    return lax.scan(step, dx, (in_nbr, w))
 
 
 @jax.jit
