@@ -186,9 +186,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, cases)
     axes[0].invert_yaxis()
-    axes[1].legend(loc="lower right", fontsize=8)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle("backend='xla' compiled for TPU v5e (deviceless) and for the CPU, same program")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
 
 
