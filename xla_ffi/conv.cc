@@ -265,7 +265,7 @@ ffi::Error GatherMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     using Acc = typename Accum<T>::type;
     valid = gather_matmul(pool, reinterpret_cast<const T*>(x.untyped_data()), n, cin,
                           reinterpret_cast<const T*>(w.untyped_data()), K, cout,
-                          nbr.typed_data(), MapLayout::make(OffsetsLeading, rows, K), rows,
+                          nbr.typed_data(), d.layout, rows,
                           reinterpret_cast<Acc*>(out->untyped_data()));
   });
   if (err.failure()) return err;
@@ -286,7 +286,7 @@ ffi::Error GatherMatmulGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     using Acc = typename Accum<T>::type;
     valid = gather_matmul_grad(pool, reinterpret_cast<const T*>(x.untyped_data()), n, cin,
                                reinterpret_cast<const T*>(g.untyped_data()), cout,
-                               nbr.typed_data(), MapLayout::make(OffsetsLeading, rows, K), rows, K,
+                               nbr.typed_data(), d.layout, rows, K,
                                reinterpret_cast<Acc*>(dw->untyped_data()));
   });
   if (err.failure()) return err;

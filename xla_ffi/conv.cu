@@ -355,11 +355,10 @@ ffi::Error GatherMatmulImpl(cudaStream_t stream, Scratch scratch, ffi::AnyBuffer
                             ffi::Result<ffi::AnyBuffer> out, int64_t allow_tf32) {
   MatmulDims d{};
   if (auto err = check_gather_matmul(x, w, nbr, *out, OffsetsLeading, &d); err.failure()) return err;
-  const MapLayout layout = MapLayout::make(OffsetsLeading, d.rows, d.K);
   if (ceil_div(d.cout, kBN) > kMaxGridYZ) return invalid("gather_matmul: Cout too large for a GPU grid");
   const int32_t* order = nullptr;
   if (d.cout > 0) {
-    if (auto err = mask_order(stream, scratch, nbr.typed_data(), layout, d.n, d.rows, d.K, &order);
+    if (auto err = mask_order(stream, scratch, nbr.typed_data(), d.layout, d.n, d.rows, d.K, &order);
         err.failure())
       return err;
   }
@@ -373,7 +372,7 @@ ffi::Error GatherMatmulImpl(cudaStream_t stream, Scratch scratch, ffi::AnyBuffer
       launch_grid(stream, grid, kTileThreads, gather_matmul_kernel<T, Tile>,
                   reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
                   reinterpret_cast<const T*>(w.untyped_data()), d.K, d.cout,
-                  nbr.typed_data(), layout, d.rows, order,
+                  nbr.typed_data(), d.layout, d.rows, order,
                   reinterpret_cast<typename Tile::Out*>(out->untyped_data()));
     });
   });
@@ -396,11 +395,10 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
   MatmulDims d{};
   if (auto err = check_gather_matmul_grad(x, g, nbr, *dw, OffsetsLeading, &d); err.failure())
     return err;
-  const MapLayout layout = MapLayout::make(OffsetsLeading, d.rows, d.K);
   if (d.K > kMaxGridYZ) return invalid("gather_matmul_grad: kernel volume too large for a GPU grid");
   const int32_t* order = nullptr;
   if (d.K * d.cin * d.cout > 0) {
-    if (auto err = mask_order(stream, scratch, nbr.typed_data(), layout, d.n, d.rows, d.K, &order);
+    if (auto err = mask_order(stream, scratch, nbr.typed_data(), d.layout, d.n, d.rows, d.K, &order);
         err.failure())
       return err;
   }
@@ -427,7 +425,7 @@ ffi::Error GatherMatmulGradImpl(cudaStream_t stream,
       static_assert(std::is_same_v<typename Tile::Out, Out>);
       launch_grid(stream, grid, kTileThreads, gather_matmul_grad_kernel<T, Tile>,
                   reinterpret_cast<const T*>(x.untyped_data()), d.n, d.cin,
-                  reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(), layout,
+                  reinterpret_cast<const T*>(g.untyped_data()), d.cout, nbr.typed_data(), d.layout,
                   d.rows, order, d.K, std::max<int64_t>(rows_per_split, kBK), col_tiles,
                   partial);
     });

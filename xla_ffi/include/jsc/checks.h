@@ -29,6 +29,13 @@ inline MapDims map_dims(const S32Buffer& nbr, bool offsets_leading) {
   return {rows, K, MapLayout::make(offsets_leading, rows, K)};
 }
 
+// A neighbour map `name` of `rows` rows (any number where rows < 0) and K
+// offsets: [rows, K], or [K, rows] where offsets_leading.
+inline ffi::Error check_map(const S32Buffer& nbr, const char* name, int64_t rows, int64_t K,
+                            bool offsets_leading) {
+  return offsets_leading ? check_matrix(nbr, name, K, rows) : check_matrix(nbr, name, rows, K);
+}
+
 // Operands of jsc_build_rulebook: indices [rows, ndim + 1], out_indices
 // [out_capacity, ndim + 1], out_nbr [out_capacity, K] and in_nbr [rows, K]
 // (v1) or [K, out_capacity] and [K, rows] (v2, offsets_leading), needed [].
@@ -45,17 +52,13 @@ inline ffi::Error check_rulebook_buffers(const ConvGeometry& g,
   *rows = indices.dimensions().size() == 2 ? indices.dimensions()[0] : -1;
   if (auto err = check_matrix(indices, "indices", -1, cols); err.failure())
     return err;
-  if (auto err = offsets_leading ? check_matrix(out_nbr, "out_nbr", K, -1)
-                                 : check_matrix(out_nbr, "out_nbr", -1, K);
-      err.failure())
+  if (auto err = check_map(out_nbr, "out_nbr", -1, K, offsets_leading); err.failure())
     return err;
   *out_capacity = map_dims(out_nbr, offsets_leading).rows;
   if (auto err = check_matrix(out_indices, "out_indices", *out_capacity, cols);
       err.failure())
     return err;
-  if (auto err = offsets_leading ? check_matrix(in_nbr, "in_nbr", K, *rows)
-                                 : check_matrix(in_nbr, "in_nbr", *rows, K);
-      err.failure())
+  if (auto err = check_map(in_nbr, "in_nbr", *rows, K, offsets_leading); err.failure())
     return err;
   if (needed.element_count() != 1) return invalid("needed must be a scalar");
   if (g.mode == ConvMode::kSubm && *out_capacity != *rows) {
@@ -66,6 +69,7 @@ inline ffi::Error check_rulebook_buffers(const ConvGeometry& g,
 
 struct MatmulDims {
   int64_t n, cin, K, cout, rows;  // x [n, cin], w [K, cin, cout], nbr [rows, K] or [K, rows]
+  MapLayout layout;               // of nbr
 };
 
 // Operands of jsc_gather_matmul: x [N, Cin], w [K, Cin, Cout], nbr [M, K]
@@ -82,7 +86,7 @@ inline ffi::Error check_gather_matmul(const ffi::AnyBuffer& x,
                    map_shape(offsets_leading));
   }
   const MapDims map = map_dims(nbr, offsets_leading);
-  *d = {xd[0], xd[1], wd[0], wd[2], map.rows};
+  *d = {xd[0], xd[1], wd[0], wd[2], map.rows, map.layout};
   if (wd[1] != d->cin || map.K != d->K || x.element_type() != w.element_type()) {
     return invalid("gather_matmul: x, w and nbr disagree on Cin, K or dtype");
   }
@@ -102,7 +106,7 @@ inline ffi::Error check_gather_matmul_grad(const ffi::AnyBuffer& x,
                    map_shape(offsets_leading));
   }
   const MapDims map = map_dims(nbr, offsets_leading);
-  *d = {xd[0], xd[1], map.K, gd[1], map.rows};
+  *d = {xd[0], xd[1], map.K, gd[1], map.rows, map.layout};
   if (gd[0] != d->rows || x.element_type() != g.element_type()) {
     return invalid("gather_matmul_grad: g and nbr disagree on rows, or x and g on dtype");
   }
