@@ -170,14 +170,22 @@ def batch_norm(x: SparseConvTensor, *, use_running_average: bool, running_mean, 
 
 
 def layer_norm(x: SparseConvTensor, *, scale, bias, epsilon: float, dtype) -> SparseConvTensor:
-    mean, var = normalization.layer_norm_moments(x.features)
-    return x.replace_feature(normalization.normalize(x.features, x.active, mean, var, scale, bias, epsilon, dtype))
+    features = _zero_padding(x)
+    mean, var = normalization.layer_norm_moments(features)
+    return x.replace_feature(normalization.normalize(features, x.active, mean, var, scale, bias, epsilon, dtype))
 
 
 def group_norm(x: SparseConvTensor, *, num_groups: int, scale, bias, epsilon: float, dtype) -> SparseConvTensor:
+    features = _zero_padding(x)
     segments = jnp.where(x.active, x.indices[:, 0], x.batch_size)
-    mean, var = normalization.group_norm_moments(x.features, segments, x.batch_size, num_groups)
-    return x.replace_feature(normalization.normalize(x.features, x.active, mean, var, scale, bias, epsilon, dtype))
+    mean, var = normalization.group_norm_moments(features, segments, x.batch_size, num_groups)
+    return x.replace_feature(normalization.normalize(features, x.active, mean, var, scale, bias, epsilon, dtype))
+
+
+def _zero_padding(x: SparseConvTensor) -> jax.Array:
+    """``x``'s features with zero padding rows: what padding rows hold (NaN) must not reach
+    the moments, whose gradients would carry it into every row of a batch item."""
+    return jnp.where(x.active[:, None], x.features, 0)
 
 
 # ---- sequential ----------------------------------------------------------------------------

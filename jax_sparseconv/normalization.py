@@ -1,7 +1,9 @@
 """Normalization over active rows only: padding rows never enter a statistic.
 
 The functions take and return ``[capacity, C]`` features with an ``active [capacity]``
-mask and keep padding rows at zero. Statistics are computed in at least float32.
+mask and keep padding rows at zero. Whatever padding rows hold (NaN included) reaches no
+statistic, output or gradient: rows are masked with ``where``, never multiplied by the mask.
+Statistics are computed in at least float32.
 The Linen and NNX layers (``SparseBatchNorm``, ``SparseLayerNorm``, ``SparseGroupNorm``)
 only hold the parameters and call these.
 """
@@ -37,10 +39,10 @@ def masked_moments(features: jax.Array, active: jax.Array, axis_name: str | None
 def _moments(x, active, axis_name, axis_index_groups):
     """``(mean, var, count)`` of float32+ rows ``x`` over the active rows of all devices."""
     total = functools.partial(_total, axis_name=axis_name, axis_index_groups=axis_index_groups)
-    weight = active.astype(x.dtype)[:, None]
-    count = jnp.maximum(total(weight[:, 0]), 1)
-    mean = total(x * weight) / count
-    var = total(jnp.square(x - mean) * weight) / count
+    rows = active[:, None]
+    count = jnp.maximum(total(active.astype(x.dtype)), 1)
+    mean = total(jnp.where(rows, x, 0)) / count
+    var = total(jnp.where(rows, jnp.square(x - mean), 0)) / count
     return mean, var, count
 
 
@@ -88,13 +90,12 @@ def _batch_norm_act(features, active, scale, bias, residual, options):
 
 def _batch_norm_act_fwd(features, active, scale, bias, residual, options):
     epsilon, relu, axis_name, axis_index_groups, dtype, _ = options
-    stats = _stats_dtype(features.dtype)
-    x = features.astype(stats)
+    x = _active_rows(features, active)
     mean, var, count = _moments(x, active, axis_name, axis_index_groups)
     inv_std = jax.lax.rsqrt(var + epsilon)
     y = _scale_and_shift((x - mean) * inv_std, scale, bias)
     if residual is not None:
-        y = y + residual.astype(stats)
+        y = y + residual.astype(x.dtype)
     if relu:
         y = jnp.maximum(y, 0)
     y = jnp.where(active[:, None], y, 0).astype(dtype)
@@ -109,7 +110,7 @@ def _batch_norm_act_bwd(options, saved, cotangents):
     stats = _stats_dtype(features.dtype)
     passed = active[:, None] if y is None else active[:, None] & (y > 0)
     d_y = jnp.where(passed, g.astype(stats), 0)  # the cotangent of the normalized-and-shifted rows
-    x = features.astype(stats)
+    x = _active_rows(features, active)
     sum_d_y = jnp.sum(d_y, axis=0)  # this device's rows
     # sum(d_y * x_hat) without an x_hat array: XLA (CPU) would compute one while the forward
     # runs and keep it until here, a [capacity, C] array per batch norm (MinkUNet18's step:
@@ -138,9 +139,13 @@ def normalize(features: jax.Array, active: jax.Array, mean, var, scale, bias, ep
     ``mean``/``var`` broadcast against ``features`` (``[C]``, or per row); ``scale`` and
     ``bias`` may be None. The result has ``dtype`` (default: the features' dtype).
     """
-    stats = _stats_dtype(features.dtype)
-    y = _scale_and_shift((features.astype(stats) - mean) * jax.lax.rsqrt(var + epsilon), scale, bias)
+    y = _scale_and_shift((_active_rows(features, active) - mean) * jax.lax.rsqrt(var + epsilon), scale, bias)
     return jnp.where(active[:, None], y, 0).astype(dtype or features.dtype)
+
+
+def _active_rows(features, active):
+    """``features`` in at least float32, padding rows zero (whatever they held)."""
+    return jnp.where(active[:, None], features, 0).astype(_stats_dtype(features.dtype))
 
 
 def _scale_and_shift(x_hat, scale, bias):

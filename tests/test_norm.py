@@ -427,3 +427,48 @@ def test_residual_block_norm_matches_the_unfused_layers(rng):
     got, want = fused.grad(variables, x.features), unfused.grad(variables, x.features)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ---- padding rows ------------------------------------------------------------------------------------
+
+def _norm_layer(kind):
+    """``(Linen layer, apply keyword arguments)`` of each normalization and mode."""
+    return {"batch train": (spnn.SparseBatchNorm(use_running_average=False), {"mutable": ["batch_stats"]}),
+            "batch train + residual + relu": (spnn.SparseBatchNorm(use_running_average=False),
+                                              {"mutable": ["batch_stats"], "relu": True}),
+            "batch eval": (spnn.SparseBatchNorm(use_running_average=True), {}),
+            "layer": (spnn.SparseLayerNorm(), {}),
+            "group": (spnn.SparseGroupNorm(num_groups=2), {})}[kind]
+
+
+@pytest.mark.parametrize("kind", ["batch train", "batch train + residual + relu", "batch eval", "layer", "group"])
+def test_padding_rows_reach_no_statistic(kind, rng):
+    """Whatever padding rows hold (NaN, inf, huge values), a norm's outputs, statistics and
+    gradients are bitwise those of zero padding, and padding rows get zero gradient."""
+    x = _tensor(rng, 2, 4, padding_rows=6)
+    padding = ~np.asarray(x.active)
+    garbage = np.asarray(x.features).copy()
+    garbage[padding] = rng.choice([np.nan, np.inf, -np.inf, 3e38], size=garbage[padding].shape)
+    layer, options = _norm_layer(kind)
+    variables = layer.init(jax.random.key(0), x)
+    variables = {**variables, "params": {k: jnp.asarray(rng.normal(size=v.shape), v.dtype)
+                                         for k, v in variables["params"].items()}}
+    weights = jnp.asarray(rng.normal(size=x.features.shape), jnp.float32)
+
+    @jax.jit
+    def run(params, features):
+        def loss(params, features):
+            t = T.with_raw_features(x, features)
+            residual = {"residual": t.replace_feature(jnp.flip(t.features, 1))} if "residual" in kind else {}
+            out = layer.apply({**variables, "params": params}, t, **options, **residual)
+            y, state = out if "mutable" in options else (out, None)
+            return jnp.vdot(y.features, weights), (y.features, state)
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, features)
+
+    clean = run(variables["params"], x.features)
+    dirty = run(variables["params"], jnp.asarray(garbage))
+    for want, got in zip(jax.tree_util.tree_leaves(clean), jax.tree_util.tree_leaves(dirty)):
+        np.testing.assert_array_equal(got, want)
+    (_, (features, _)), (_, d_features) = dirty
+    assert not np.asarray(features)[padding].any()
+    assert not np.asarray(d_features)[padding].any()
