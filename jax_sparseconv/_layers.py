@@ -194,9 +194,10 @@ def apply_sequential(layers: Sequence[Callable], x: Any, feature_layer_check: Ca
                      **kwargs) -> Any:
     """Applies ``layers`` in order.
 
-    Sparse layers get the tensor; any other callable gets the ``[capacity, C]`` features
-    and its result becomes the new features, with padding rows zeroed (so ``nn.relu``,
-    ``nn.Dense``, ``nn.Dropout`` just work). Once a layer returns a dense array (``ToDense``,
+    Sparse layers get the tensor; any other callable gets the ``[capacity, C]`` features,
+    padding rows zero whatever the tensor held there (a NaN would reach ``nn.Dense``'s kernel
+    gradient), and its result becomes the new features, with padding rows zeroed (so
+    ``nn.relu``, ``nn.Dense``, ``nn.Dropout`` just work). Once a layer returns a dense array (``ToDense``,
     a global pool), later layers get that array. Each layer also gets those ``kwargs``
     that its call signature names (``use_running_average``, ``deterministic``, ...).
     ``feature_layer_check`` rejects layers whose feature-wise use would be wrong (a batch
@@ -215,7 +216,7 @@ def apply_sequential(layers: Sequence[Callable], x: Any, feature_layer_check: Ca
             x = layer(x, **layer_kwargs, **({"relu": True} if fused_relu else {}))
         else:
             feature_layer_check(layer)
-            x = x.replace_feature(layer(x.features, **layer_kwargs))
+            x = x.replace_feature(layer(_zero_padding(x), **layer_kwargs))
     return x
 
 

@@ -178,6 +178,21 @@ def test_sparse_sequential_routes_tensors_features_and_flags(rng):
     assert np.all(np.asarray(y.features)[~active] == 0)
 
 
+def test_sparse_sequential_feature_layers_see_no_padding(rng):
+    """Whatever padding rows hold (NaN), a feature-wise layer's gradients are those of zero padding."""
+    x = T.random_tensor(rng, 2, SHAPES[3], 3, padding_rows=5)
+    model = spnn.SparseSequential([nn.Dense(4), nn.relu])
+    variables = model.init(jax.random.key(0), x)
+    garbage = jnp.where(x.active[:, None], x.features, jnp.nan)
+
+    def grads(features):
+        loss = lambda v: jnp.sum(model.apply(v, T.with_raw_features(x, features)).features ** 2)  # noqa: E731
+        return jax.grad(loss)(variables)
+
+    for got, want in zip(jax.tree_util.tree_leaves(grads(garbage)), jax.tree_util.tree_leaves(grads(x.features))):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("layer, advice", [(nn.BatchNorm(use_running_average=False), "SparseBatchNorm"),
                                            (nn.GroupNorm(num_groups=1), "SparseGroupNorm")])
 def test_sparse_sequential_rejects_norms_that_count_padding(layer, advice, rng):
