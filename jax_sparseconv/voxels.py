@@ -79,24 +79,24 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"points must be [N, F] with F >= 3 (x, y, z first), got shape {points.shape}")
     shape = grid_shape(voxel_size, coors_range)
-    n = points.shape[0]
-    size = jnp.asarray(np.broadcast_to(np.asarray(voxel_size, np.float64), (3,)), points.dtype)
-    low = jnp.asarray(coors_range[:3], points.dtype)
-
+    n, num_features = points.shape
+    size = np.broadcast_to(np.asarray(voxel_size, np.float64), (3,))
     finite = jnp.all(jnp.isfinite(points), axis=1)
-    # Divide as spconv does, in the points' dtype. The barrier keeps XLA from turning the
-    # division by a broadcast into a multiplication by its reciprocal, which rounds
-    # differently and moves points that lie on a voxel boundary.
-    size = jax.lax.optimization_barrier(jnp.broadcast_to(size, (n, 3)))
-    cells = jnp.floor((jnp.where(finite[:, None], points[:, :3], 0) - low) / size)
-    zyx = cells[:, ::-1]
-    inside = finite & jnp.all((zyx >= 0) & (zyx < jnp.asarray(shape)), axis=1)
-    zyx = jnp.where(inside[:, None], zyx, 0).astype(jnp.int32)
-
+    # Every [n]-row array is kept as columns: a TPU pads the minor dimension of an [n, 3] or
+    # [n, F] array to 128 lanes, 32-40x its size. Divide as spconv does, in the points'
+    # dtype; the barrier keeps XLA from turning the division by a broadcast into a
+    # multiplication by its reciprocal, which rounds differently and moves points that lie
+    # on a voxel boundary.
+    sizes = jax.lax.optimization_barrier(tuple(jnp.full((n,), size[d], points.dtype) for d in range(3)))
+    cells = [jnp.floor((jnp.where(finite, points[:, d], 0) - jnp.asarray(coors_range[d], points.dtype)) / sizes[d])
+             for d in range(3)]
+    inside = finite
+    for cell, extent in zip(cells[::-1], shape):
+        inside = inside & (cell >= 0) & (cell < extent)
+    zyx = [jnp.where(inside, cell, 0).astype(jnp.int32) for cell in cells[::-1]]
     # Sort points by voxel (stable: input order within a voxel); runs of one voxel.
-    columns = (jnp.zeros((n,), jnp.int32), zyx[:, 0], zyx[:, 1], zyx[:, 2])
-    keys, (order,) = xla.sort_keys(xla.site_keys(columns, inside, 1, shape), jnp.arange(n, dtype=jnp.int32),
-                                   stable=True)
+    keys, (order,) = xla.sort_keys(xla.site_keys((jnp.zeros((n,), jnp.int32), *zyx), inside, 1, shape),
+                                   jnp.arange(n, dtype=jnp.int32), stable=True)
     valid, starts = keys[0] != xla.SENTINEL, xla.run_starts(keys)
     voxel = jnp.cumsum(starts, dtype=jnp.int32) - 1
     position = jnp.arange(n, dtype=jnp.int32)
@@ -105,20 +105,22 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
     if max_points_per_voxel is not None:
         kept = kept & (position < max_points_per_voxel)
     row = jnp.where(kept, voxel, max_voxels)  # max_voxels: out of range, dropped
-
     num_points = jnp.zeros((max_voxels,), jnp.int32).at[row].add(1, mode="drop")
-    sorted_points = points[order]
-    if reduce == "mean":
-        acc = jnp.promote_types(points.dtype, jnp.float32)
-        sums = jnp.zeros((max_voxels, points.shape[1]), acc).at[row].add(
-            jnp.where(kept[:, None], sorted_points, 0).astype(acc), mode="drop")
-        features = (sums / jnp.maximum(num_points, 1)[:, None]).astype(points.dtype)
-    else:
-        features = jnp.zeros((max_voxels, points.shape[1]), points.dtype).at[
-            jnp.where(position == 0, row, max_voxels)].set(sorted_points, mode="drop")
-    coords = jnp.stack(xla.key_sites(xla.gather_keys(keys, *xla.nth_starts(starts, max_voxels)), 1, shape)[1:],
-                       axis=1)
     point_to_voxel = jnp.full((n,), -1, jnp.int32).at[order].set(jnp.where(kept, voxel, -1))
+    first, stored = xla.nth_starts(starts, max_voxels)  # each voxel's first point, in sorted order
+    if reduce == "mean":
+        # Scattered from the points as they come, without a sorted copy of them: a voxel still
+        # sums its points in input order (the stable sort's order within a run).
+        acc = jnp.promote_types(points.dtype, jnp.float32)
+        point_row = jnp.where(point_to_voxel >= 0, point_to_voxel, max_voxels)
+        count = jnp.maximum(num_points, 1)
+        features = [(jnp.zeros((max_voxels,), acc).at[point_row].add(points[:, c].astype(acc), mode="drop")
+                     / count).astype(points.dtype) for c in range(num_features)]
+    else:
+        source = xla.take(order, first)
+        features = [jnp.where(num_points > 0, xla.take(points[:, c], source), 0) for c in range(num_features)]
+    features = jnp.stack(features, axis=1)
+    coords = jnp.stack(xla.key_sites(xla.gather_keys(keys, first, stored), 1, shape)[1:], axis=1)
     num_voxels = jnp.sum(starts, dtype=jnp.int32)
     overflow = overflow_record(num_voxels, max_voxels)
     if is_concrete(overflow):

@@ -72,7 +72,7 @@ def in_grid(columns: tuple, batch_size: int, shape) -> jax.Array:
     return inside
 
 
-def _take(array: jax.Array, rows: jax.Array) -> jax.Array:
+def take(array: jax.Array, rows: jax.Array) -> jax.Array:
     """``array[rows]`` for rows in range: a bare XLA gather (no wrapping of negative rows),
     which is much cheaper to compile for TPU; XLA clamps a row out of range."""
     return array.at[rows].get(mode="promise_in_bounds")
@@ -102,7 +102,7 @@ def lower_bound(table: tuple, queries: tuple) -> jax.Array:
     def step(_, bounds):
         lo, hi = bounds
         mid = (lo + hi) // 2
-        below = _lex_less(tuple(_take(column, mid) for column in table), queries)
+        below = _lex_less(tuple(take(column, mid) for column in table), queries)
         return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
     _, hi = lax.fori_loop(0, math.ceil(math.log2(n + 1)), step, (lo, hi))
@@ -118,8 +118,8 @@ def find(table: tuple, queries: tuple, valid: jax.Array, rows: jax.Array | None 
     at = jnp.minimum(lower_bound(table, queries), n - 1)
     found = valid
     for column, query in zip(table, queries):
-        found = found & (_take(column, at) == query)
-    return jnp.where(found, at if rows is None else _take(rows, at), -1)
+        found = found & (take(column, at) == query)
+    return jnp.where(found, at if rows is None else take(rows, at), -1)
 
 
 def sort_keys(keys: tuple, *payloads: jax.Array, stable: bool = False):
@@ -150,7 +150,7 @@ def gather_keys(keys: tuple, rows: jax.Array, stored: jax.Array) -> tuple[jax.Ar
     """``keys`` at ``rows``, invalid where not ``stored`` (``nth_starts``' results)."""
     if keys[0].shape[0] == 0:
         return (jnp.full(rows.shape, SENTINEL, jnp.int32),) + tuple(jnp.zeros(rows.shape, jnp.int32) for _ in keys[1:])
-    return (jnp.where(stored, _take(keys[0], rows), SENTINEL),) + tuple(_take(column, rows) for column in keys[1:])
+    return (jnp.where(stored, take(keys[0], rows), SENTINEL),) + tuple(take(column, rows) for column in keys[1:])
 
 
 # ---- rulebooks ----------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     if x.shape[0] == 0:  # nothing to gather from (an empty tensor): every entry is -1
         return jnp.zeros(rows.shape + x.shape[1:], x.dtype)
     safe = jnp.where(rows >= 0, rows, 0)
-    return jnp.where((rows >= 0)[..., None], _take(x, safe), 0)
+    return jnp.where((rows >= 0)[..., None], take(x, safe), 0)
 
 
 # The loops over kernel offsets read one row of the offset-leading neighbour map per step.
