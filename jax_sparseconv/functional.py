@@ -369,7 +369,7 @@ def _union_rows(tensors, out_capacity: int):
     keys = xla.site_keys(columns, xla.in_grid(columns, batch_size, shape), batch_size, shape)
     keys, (owner, row) = xla.sort_keys(keys, owner, row)
     first = xla.run_starts(keys)
-    rank = jnp.cumsum(first, dtype=jnp.int32) - 1
+    rank = xla.cumsum(first) - 1
     target = jnp.where((keys[0] != xla.SENTINEL) & (rank < out_capacity), rank, out_capacity)  # dropped
     out_keys = xla.gather_keys(keys, *xla.nth_starts(first, out_capacity))
     out_indices = jnp.stack(xla.key_sites(out_keys, batch_size, shape), axis=1)

@@ -98,9 +98,9 @@ def voxelize(points: jax.Array, voxel_size: float | Sequence[float], coors_range
     keys, (order,) = xla.sort_keys(xla.site_keys((jnp.zeros((n,), jnp.int32), *zyx), inside, 1, shape),
                                    jnp.arange(n, dtype=jnp.int32), stable=True)
     valid, starts = keys[0] != xla.SENTINEL, xla.run_starts(keys)
-    voxel = jnp.cumsum(starts, dtype=jnp.int32) - 1
+    voxel = xla.cumsum(starts) - 1
     position = jnp.arange(n, dtype=jnp.int32)
-    position = position - jax.lax.cummax(jnp.where(starts, position, 0))
+    position = position - xla.cummax(jnp.where(starts, position, 0))
     kept = valid & (voxel < max_voxels)
     if max_points_per_voxel is not None:
         kept = kept & (position < max_points_per_voxel)

@@ -111,7 +111,7 @@ def tiny_unet():
 def tpu_compile():
     """``compile(function, *args)``: ``jax.jit(function)`` compiled for a device of a TPU v5e
     topology without a TPU (libtpu); the executable cannot run, its text and
-    ``memory_analysis()`` are real. ``args``: pytrees of arrays or ShapeDtypeStructs. Skips
+    ``memory_analysis()`` are real (``lower_only=True``: the lowered program, not compiled). ``args``: pytrees of arrays or ShapeDtypeStructs. Skips
     where libtpu is missing, with the reason; fails under CI, which installs it."""
     try:
         import libtpu  # noqa: F401
@@ -124,9 +124,10 @@ def tpu_compile():
     # A one-device mesh (jax.sharding.SingleDeviceSharding is deprecated from jax 0.12.1).
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)), jax.sharding.PartitionSpec())
 
-    def compile(function, *args):
+    def compile(function, *args, lower_only=False):
         specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
-        return jax.jit(function).lower(*specs).compile()
+        lowered = jax.jit(function).lower(*specs)
+        return lowered if lower_only else lowered.compile()
     return compile
 
 

@@ -136,10 +136,37 @@ def run_starts(keys: tuple) -> jax.Array:
     return (keys[0] != SENTINEL) & jnp.concatenate([jnp.ones((1,), bool), differs])
 
 
+SCAN_BLOCK = 1024
+
+
+def _blocked_scan(x: jax.Array, scan, combine, fill) -> jax.Array:
+    """Inclusive ``scan`` (``jnp.cumsum`` or ``lax.cummax``) of a 1-D ``x``, in rows of
+    ``SCAN_BLOCK``, then across rows. The same values as one scan, but a TPU compiles a
+    scan along a long axis slowly (a 1M-element cumsum: 21 s; in rows of 1024: 1 s)."""
+    n = x.shape[0]
+    if n <= SCAN_BLOCK:
+        return scan(x, axis=0)
+    rows = jnp.pad(x, (0, -n % SCAN_BLOCK), constant_values=fill).reshape(-1, SCAN_BLOCK)
+    within = scan(rows, axis=1)
+    through = _blocked_scan(within[:, -1], scan, combine, fill)  # inclusive, per row
+    before = jnp.pad(through[:-1], (1, 0), constant_values=fill)
+    return combine(within, before[:, None]).reshape(-1)[:n]
+
+
+def cumsum(x: jax.Array) -> jax.Array:
+    """Running sum of a 1-D int32 or bool ``x``, int32 (``jnp.cumsum`` that compiles fast for TPU)."""
+    return _blocked_scan(x.astype(jnp.int32), jnp.cumsum, jnp.add, 0)
+
+
+def cummax(x: jax.Array) -> jax.Array:
+    """Running max of a 1-D int32 ``x`` (``lax.cummax`` that compiles fast for TPU)."""
+    return _blocked_scan(x, lax.cummax, jnp.maximum, np.iinfo(np.int32).min)
+
+
 def nth_starts(first: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
     """Rows of the first ``capacity`` runs: ``(row [capacity] int32, stored [capacity] bool)``;
     rows past the last run are 0 and not stored. A search of the running count: a gather."""
-    count = jnp.cumsum(first, dtype=jnp.int32)
+    count = cumsum(first)
     wanted = jnp.arange(1, capacity + 1, dtype=jnp.int32)
     row = lower_bound((count,), (vary_like(wanted, count),))
     stored = row < first.shape[0]
