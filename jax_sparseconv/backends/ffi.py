@@ -21,7 +21,7 @@ import numpy as np
 
 from jax_sparseconv import _native
 from jax_sparseconv._vma import vary_like
-from jax_sparseconv.backends.xla import accumulator
+from jax_sparseconv.backends.xla import accumulator, offset_index_dtype
 from jax_sparseconv.geometry import MODE_CODES, SUBM, ConvGeometry
 
 
@@ -192,12 +192,13 @@ def _gather_max(x, nbr):
     shape = (nbr.shape[1], x.shape[1])
     out, argk = _call("jsc_gather_max_v2", jax.ShapeDtypeStruct(shape, accumulator(x.dtype)),
                       jax.ShapeDtypeStruct(shape, jnp.int32))(x, nbr)
-    return out.astype(x.dtype), argk  # exact: the max is one of the inputs
+    # exact: the max is one of the inputs
+    return out.astype(x.dtype), argk.astype(offset_index_dtype(nbr.shape[0]))
 
 
 def _gather_max_grad(g, argk, in_nbr):
     out = jax.ShapeDtypeStruct((in_nbr.shape[1], g.shape[1]), accumulator(g.dtype))
-    return _call("jsc_gather_max_grad_v2", out)(g, argk, in_nbr)[0].astype(g.dtype)
+    return _call("jsc_gather_max_grad_v2", out)(g, argk.astype(jnp.int32), in_nbr)[0].astype(g.dtype)
 
 
 _gather_matmul_folding = {tf32: _row_kernel(functools.partial(_gather_matmul, allow_tf32=tf32), num_gathered=1)

@@ -362,20 +362,29 @@ def gather_sum(x: jax.Array, nbr: jax.Array) -> jax.Array:
     return lax.fori_loop(0, nbr.shape[0], step, vary_like(jnp.zeros((nbr.shape[1], x.shape[1]), acc), x, nbr))
 
 
+def offset_index_dtype(num_offsets: int):
+    """dtype of per-entry kernel offsets (a max pool's ``argk``): int8 where the kernel
+    volume fits, else int32. Pools keep ``argk [M, C]`` for their backward pass, which a
+    TPU pads to 128 lanes like any ``[M, C]`` array: int32 would take 4x the memory."""
+    return jnp.int8 if num_offsets <= np.iinfo(np.int8).max else jnp.int32
+
+
 @jax.jit
 def gather_max(x: jax.Array, nbr: jax.Array):
-    """Max over neighbours: ``(out [M, C], argk [M, C] int32)``.
+    """Max over neighbours: ``(out [M, C], argk [M, C] offset_index_dtype(K))``.
 
     ``argk`` is the first offset attaining the max (``-1`` and ``out = 0`` with no neighbour).
     """
+    index_dtype = offset_index_dtype(nbr.shape[0])
+
     def step(k, carry):
         best, argk = carry
         rows = _offset_rows(nbr, k)
         value = _gather_rows(x, rows)
         better = (rows >= 0)[:, None] & ((argk < 0) | (value > best))
-        return jnp.where(better, value, best), jnp.where(better, k, argk)
+        return jnp.where(better, value, best), jnp.where(better, k.astype(index_dtype), argk)
 
-    init = (jnp.zeros((nbr.shape[1], x.shape[1]), x.dtype), jnp.full((nbr.shape[1], x.shape[1]), -1, jnp.int32))
+    init = (jnp.zeros((nbr.shape[1], x.shape[1]), x.dtype), jnp.full((nbr.shape[1], x.shape[1]), -1, index_dtype))
     return lax.fori_loop(0, nbr.shape[0], step, tuple(vary_like(v, x, nbr) for v in init))
 
 
