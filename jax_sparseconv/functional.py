@@ -377,19 +377,22 @@ def _union_rows(tensors, out_capacity: int):
     return out_indices, rows, jnp.sum(first, dtype=jnp.int32)
 
 
-def _aligned_features(tensors, out_capacity: int | None, what: str):
-    """Features of every tensor on one set of rows, and the tensor those rows belong to.
+def _combined(tensors, out_capacity: int | None, what: str, combine) -> SparseConvTensor:
+    """``combine`` (a list of ``[rows, C_t]`` feature arrays -> ``[rows, C]``) of the tensors'
+    features, aligned on one set of rows.
 
     Tensors that share their ``indices`` array (a residual branch, the output of an
     inverse conv and its skip connection) are aligned as they are. Otherwise the rows
-    are the sorted union of the sites, with zeros where a tensor has no site.
+    are the sorted union of the sites, with zeros where a tensor has no site; each block
+    of rows is gathered and combined in turn (``xla.in_row_blocks``: a TPU would pad
+    every gathered ``[rows, C_t]`` array to 128 lanes).
     """
     _check_compatible(tensors)
     first = tensors[0]
     indice_dict = {k: v for t in reversed(tensors) for k, v in t.indice_dict.items()}
     overflow = functools.reduce(merge_overflow, [t.overflow for t in tensors])
     if all(t.indices is first.indices for t in tensors) and out_capacity in (None, first.capacity):
-        features, indices = [t.features for t in tensors], first.indices
+        features, indices = combine([t.features for t in tensors]), first.indices
     else:
         # Rulebooks that start or end on an input's sites no longer fit the new rows.
         inputs = [t.indices for t in tensors]
@@ -401,11 +404,12 @@ def _aligned_features(tensors, out_capacity: int | None, what: str):
         if is_concrete(union_overflow):
             raise_if_overflow(union_overflow, what)
         overflow = merge_overflow(overflow, union_overflow)
-        features = [jnp.where((r >= 0)[:, None], t.features[jnp.maximum(r, 0)], 0) if t.capacity else
-                    jnp.zeros((out_capacity, t.num_channels), t.features.dtype) for t, r in zip(tensors, rows)]
-    frame = SparseConvTensor(jnp.zeros((indices.shape[0], 0), first.features.dtype), indices,
-                             first.spatial_shape, first.batch_size, indice_dict, overflow, validate=False)
-    return features, frame
+        tables = [t.features for t in tensors]
+        features = xla.in_row_blocks(
+            lambda rows: combine([xla.gather_rows(table, r) for table, r in zip(tables, rows)]), rows, *tables)
+    frame = SparseConvTensor(jnp.zeros((indices.shape[0], 0), features.dtype), indices, first.spatial_shape,
+                             first.batch_size, indice_dict, overflow, validate=False)
+    return frame.replace_feature(features)
 
 
 def sparse_add(*tensors: SparseConvTensor, out_capacity: int | None = None) -> SparseConvTensor:
@@ -422,11 +426,10 @@ def sparse_add(*tensors: SparseConvTensor, out_capacity: int | None = None) -> S
     shares its input's ``indices``, but two tensors passed to ``jit`` as separate
     arguments do not, and take the union path (same sites, sorted rows, larger capacity).
     """
-    features, frame = _aligned_features(tensors, out_capacity, "sparse_add")
-    channels = {f.shape[1] for f in features}
-    if len(channels) > 1:
-        raise ValueError(f"sparse_add needs equal channel counts, got {[f.shape[1] for f in features]}")
-    return frame.replace_feature(functools.reduce(jnp.add, features))
+    _check_compatible(tensors)
+    if len({t.num_channels for t in tensors}) > 1:
+        raise ValueError(f"sparse_add needs equal channel counts, got {[t.num_channels for t in tensors]}")
+    return _combined(tensors, out_capacity, "sparse_add", lambda features: functools.reduce(jnp.add, features))
 
 
 def sparse_cat(*tensors: SparseConvTensor, out_capacity: int | None = None) -> SparseConvTensor:
@@ -434,6 +437,7 @@ def sparse_cat(*tensors: SparseConvTensor, out_capacity: int | None = None) -> S
 
     The usual use is a U-Net skip connection: ``sparse_cat(inverse_conv_output, skip)``.
     """
-    features, frame = _aligned_features(tensors, out_capacity, "sparse_cat")
-    dtype = jnp.result_type(*features)
-    return frame.replace_feature(jnp.concatenate([f.astype(dtype) for f in features], axis=1))
+    def concatenate(features):
+        dtype = jnp.result_type(*features)
+        return jnp.concatenate([f.astype(dtype) for f in features], axis=1)
+    return _combined(tensors, out_capacity, "sparse_cat", concatenate)

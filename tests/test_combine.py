@@ -11,6 +11,7 @@ import pytest
 
 import jax_sparseconv as jsc
 import sparse_testing as T
+from jax_sparseconv.backends import xla
 from jax_sparseconv.functional import sparse_add, sparse_cat
 
 SHAPES = {1: (13,), 2: (7, 9), 3: (6, 7, 5), 4: (4, 5, 4, 3)}
@@ -106,8 +107,18 @@ def test_shared_indices_combine_row_by_row(op, count, rng):
 
 # ---- different site sets ------------------------------------------------------------------
 
+@pytest.fixture(params=[None, 5], ids=["whole", "row-blocks"])
+def row_block(request, monkeypatch):
+    """Union rows gathered at once, or in blocks of 5 rows (``xla.ROW_BLOCK``; 16384 in use)."""
+    if request.param is not None:
+        monkeypatch.setattr(xla, "ROW_BLOCK", request.param)
+    jax.clear_caches()  # traces read ROW_BLOCK
+    yield
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_union_matches_numpy(case, rng):
+def test_union_matches_numpy(case, rng, row_block):
     op, ndim, count, batch_size = case
     with jax.enable_x64(True):
         tensors = _inputs(rng, op, count, batch_size, SHAPES[ndim])
@@ -145,7 +156,7 @@ def test_empty_and_zero_capacity_inputs(op, rng):
 
 @pytest.mark.parametrize("op", ["add", "cat"])
 @pytest.mark.parametrize("shared", [False, True], ids=["union", "shared"])
-def test_gradients_match_dense_reference(op, shared, rng):
+def test_gradients_match_dense_reference(op, shared, rng, row_block):
     count = 3
     with jax.enable_x64(True):
         if shared:

@@ -119,3 +119,29 @@ def test_global_pool_matches_numpy(kind, rng):
         if kind == "avg":
             for b in (0, 2):
                 np.testing.assert_allclose(np.asarray(grad)[batch == b], 1.0 / (batch == b).sum())
+
+
+def test_xla_pools_in_row_blocks_are_bitwise_the_same(monkeypatch, rng):
+    """Rows of the xla backend's pool kernels computed in blocks (``xla.ROW_BLOCK``, with a
+    last block that overlaps the one before): bitwise the results of one pass."""
+    from jax_sparseconv.backends import xla
+    n, m, k, c = 40, 50, 8, 3
+    x = jnp.asarray(rng.normal(size=(n, c)), jnp.float32)
+    x = x.at[::2].set(x[1::2])  # ties: argk must pick the first offset either way
+    nbr = jnp.asarray(np.where(rng.random((k, m)) < 0.7, rng.integers(0, n, (k, m)), -1), jnp.int32)
+    g = jnp.asarray(rng.normal(size=(m, c)), jnp.float32)
+    in_nbr = jnp.asarray(np.where(rng.random((k, n)) < 0.7, rng.integers(0, m, (k, n)), -1), jnp.int32)
+
+    def run():
+        out, argk = xla.gather_max(x, nbr)
+        return xla.gather_sum(x, nbr), out, argk, xla.gather_max_grad(g, argk[:m], in_nbr)
+
+    whole = run()
+    monkeypatch.setattr(xla, "ROW_BLOCK", 16)  # 50 rows: blocks at 0, 16, 32, 34
+    jax.clear_caches()
+    try:
+        blocked = run()
+    finally:
+        jax.clear_caches()
+    for a, b in zip(whole, blocked):
+        np.testing.assert_array_equal(a, b)

@@ -297,7 +297,7 @@ def accumulator(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     """``x[rows]`` with zeros where ``rows == -1``."""
     if x.shape[0] == 0:  # nothing to gather from (an empty tensor): every entry is -1
         return jnp.zeros(rows.shape + x.shape[1:], x.dtype)
@@ -321,7 +321,7 @@ def gather_matmul(x: jax.Array, w: jax.Array, nbr: jax.Array, precision=None) ->
     acc = accumulator(x.dtype)
 
     def step(k, out):
-        return out + jnp.matmul(_gather_rows(x, _offset_rows(nbr, k)), w[k], precision=precision,
+        return out + jnp.matmul(gather_rows(x, _offset_rows(nbr, k)), w[k], precision=precision,
                                 preferred_element_type=acc)
 
     return lax.fori_loop(0, w.shape[0], step, vary_like(jnp.zeros((nbr.shape[1], w.shape[2]), acc), x, w, nbr))
@@ -341,7 +341,7 @@ def conv_backward(x: jax.Array, w: jax.Array, g: jax.Array, in_nbr: jax.Array, p
 
     def step(dx, offset):
         rows, w_k = offset
-        gathered = _gather_rows(g, rows)
+        gathered = gather_rows(g, rows)
         dx = dx + jnp.matmul(gathered, w_k.T, precision=precision, preferred_element_type=acc)
         dw_k = lax.dot_general(x, gathered, (((0,), (0,)), ((), ())), precision=precision,
                                preferred_element_type=acc)
@@ -351,15 +351,43 @@ def conv_backward(x: jax.Array, w: jax.Array, g: jax.Array, in_nbr: jax.Array, p
     return lax.scan(step, dx, (in_nbr, w))
 
 
+ROW_BLOCK = 16384
+
+
+def in_row_blocks(compute, nbr: jax.Array, *operands: jax.Array):
+    """``compute(nbr)`` (arrays of ``[M, ...]``, one row per column of ``nbr [K, M]``), run
+    on blocks of ``ROW_BLOCK`` columns and written into its results block by block. The
+    same values, but a TPU keeps a pool's ``[M, C]`` loop carries and gathered rows
+    (padded to 128 lanes) for one block at a time: a 2^3 pool at 131k rows and 32
+    channels, 192 MiB of temp memory -> 0. The last block starts at ``M - ROW_BLOCK``
+    (recomputing rows of the one before: the same values)."""
+    m = nbr.shape[1]
+    if m <= ROW_BLOCK:
+        return compute(nbr)
+
+    def block(b, results):
+        start = jnp.minimum(b * ROW_BLOCK, m - ROW_BLOCK)
+        parts = compute(lax.dynamic_slice_in_dim(nbr, start, ROW_BLOCK, axis=1))
+        return jax.tree.map(lambda result, part: lax.dynamic_update_slice_in_dim(result, part, start, axis=0),
+                            results, parts)
+
+    shapes = jax.eval_shape(compute, jax.ShapeDtypeStruct((nbr.shape[0], ROW_BLOCK), nbr.dtype))
+    init = jax.tree.map(lambda s: vary_like(jnp.zeros((m,) + s.shape[1:], s.dtype), nbr, *operands), shapes)
+    return lax.fori_loop(0, -(-m // ROW_BLOCK), block, init)
+
+
 @jax.jit
 def gather_sum(x: jax.Array, nbr: jax.Array) -> jax.Array:
     """``out[r] = sum_k x[nbr[k, r]]``, ``[M, C]`` in the accumulation dtype."""
     acc = accumulator(x.dtype)
 
-    def step(k, out):
-        return out + _gather_rows(x, _offset_rows(nbr, k)).astype(acc)
+    def rows_of(nbr):
+        def step(k, out):
+            return out + gather_rows(x, _offset_rows(nbr, k)).astype(acc)
 
-    return lax.fori_loop(0, nbr.shape[0], step, vary_like(jnp.zeros((nbr.shape[1], x.shape[1]), acc), x, nbr))
+        return lax.fori_loop(0, nbr.shape[0], step, vary_like(jnp.zeros((nbr.shape[1], x.shape[1]), acc), x, nbr))
+
+    return in_row_blocks(rows_of, nbr, x)
 
 
 def offset_index_dtype(num_offsets: int):
@@ -377,24 +405,30 @@ def gather_max(x: jax.Array, nbr: jax.Array):
     """
     index_dtype = offset_index_dtype(nbr.shape[0])
 
-    def step(k, carry):
-        best, argk = carry
-        rows = _offset_rows(nbr, k)
-        value = _gather_rows(x, rows)
-        better = (rows >= 0)[:, None] & ((argk < 0) | (value > best))
-        return jnp.where(better, value, best), jnp.where(better, k.astype(index_dtype), argk)
+    def rows_of(nbr):
+        def step(k, carry):
+            best, argk = carry
+            rows = _offset_rows(nbr, k)
+            value = gather_rows(x, rows)
+            better = (rows >= 0)[:, None] & ((argk < 0) | (value > best))
+            return jnp.where(better, value, best), jnp.where(better, k.astype(index_dtype), argk)
 
-    init = (jnp.zeros((nbr.shape[1], x.shape[1]), x.dtype), jnp.full((nbr.shape[1], x.shape[1]), -1, index_dtype))
-    return lax.fori_loop(0, nbr.shape[0], step, tuple(vary_like(v, x, nbr) for v in init))
+        init = (jnp.zeros((nbr.shape[1], x.shape[1]), x.dtype), jnp.full((nbr.shape[1], x.shape[1]), -1, index_dtype))
+        return lax.fori_loop(0, nbr.shape[0], step, tuple(vary_like(v, x, nbr) for v in init))
+
+    return in_row_blocks(rows_of, nbr, x)
 
 
 @jax.jit
 def gather_max_grad(g: jax.Array, argk: jax.Array, in_nbr: jax.Array) -> jax.Array:
     """Input gradient of ``gather_max``: ``dx[i] = sum_k g[o] where argk[o] == k, o = in_nbr[k, i]``."""
-    def step(k, dx):
-        rows = _offset_rows(in_nbr, k)
-        won = _gather_rows(argk, rows) == k
-        return dx + jnp.where(won & (rows >= 0)[:, None], _gather_rows(g, rows), 0)
+    def rows_of(in_nbr):
+        def step(k, dx):
+            rows = _offset_rows(in_nbr, k)
+            won = gather_rows(argk, rows) == k
+            return dx + jnp.where(won & (rows >= 0)[:, None], gather_rows(g, rows), 0)
 
-    init = vary_like(jnp.zeros((in_nbr.shape[1], g.shape[1]), g.dtype), g, argk, in_nbr)
-    return lax.fori_loop(0, in_nbr.shape[0], step, init)
+        init = vary_like(jnp.zeros((in_nbr.shape[1], g.shape[1]), g.dtype), g, argk, in_nbr)
+        return lax.fori_loop(0, in_nbr.shape[0], step, init)
+
+    return in_row_blocks(rows_of, in_nbr, g, argk)
