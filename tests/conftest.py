@@ -131,6 +131,18 @@ def tpu_compile():
     return compile
 
 
+@pytest.fixture
+def small_row_blocks(monkeypatch):
+    """The xla backend's row-blocked kernels (pools, the union of ``sparse_add``/``sparse_cat``)
+    in blocks of 7 rows instead of ``xla.ROW_BLOCK``'s 16384, so that small tests cross block
+    edges (and a last block overlaps the one before)."""
+    from jax_sparseconv.backends import xla
+    monkeypatch.setattr(xla, "ROW_BLOCK", 7)
+    jax.clear_caches()  # traces read ROW_BLOCK
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def load_example():
     """``load(name)``: the module ``examples/<name>.py``, imported (its ``main`` not run)."""

@@ -11,7 +11,6 @@ import pytest
 
 import jax_sparseconv as jsc
 import sparse_testing as T
-from jax_sparseconv.backends import xla
 from jax_sparseconv.functional import sparse_add, sparse_cat
 
 SHAPES = {1: (13,), 2: (7, 9), 3: (6, 7, 5), 4: (4, 5, 4, 3)}
@@ -107,14 +106,11 @@ def test_shared_indices_combine_row_by_row(op, count, rng):
 
 # ---- different site sets ------------------------------------------------------------------
 
-@pytest.fixture(params=[None, 5], ids=["whole", "row-blocks"])
-def row_block(request, monkeypatch):
-    """Union rows gathered at once, or in blocks of 5 rows (``xla.ROW_BLOCK``; 16384 in use)."""
-    if request.param is not None:
-        monkeypatch.setattr(xla, "ROW_BLOCK", request.param)
-    jax.clear_caches()  # traces read ROW_BLOCK
-    yield
-    jax.clear_caches()
+@pytest.fixture(params=["whole", "row-blocks"])
+def row_block(request):
+    """Union rows gathered at once, or in blocks of a few rows (``small_row_blocks``)."""
+    if request.param == "row-blocks":
+        request.getfixturevalue("small_row_blocks")
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)

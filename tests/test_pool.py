@@ -121,7 +121,7 @@ def test_global_pool_matches_numpy(kind, rng):
                 np.testing.assert_allclose(np.asarray(grad)[batch == b], 1.0 / (batch == b).sum())
 
 
-def test_xla_pools_in_row_blocks_are_bitwise_the_same(monkeypatch, rng):
+def test_xla_pools_in_row_blocks_are_bitwise_the_same(request, rng):
     """Rows of the xla backend's pool kernels computed in blocks (``xla.ROW_BLOCK``, with a
     last block that overlaps the one before): bitwise the results of one pass."""
     from jax_sparseconv.backends import xla
@@ -137,11 +137,6 @@ def test_xla_pools_in_row_blocks_are_bitwise_the_same(monkeypatch, rng):
         return xla.gather_sum(x, nbr), out, argk, xla.gather_max_grad(g, argk[:m], in_nbr)
 
     whole = run()
-    monkeypatch.setattr(xla, "ROW_BLOCK", 16)  # 50 rows: blocks at 0, 16, 32, 34
-    jax.clear_caches()
-    try:
-        blocked = run()
-    finally:
-        jax.clear_caches()
-    for a, b in zip(whole, blocked):
+    request.getfixturevalue("small_row_blocks")  # 50 rows: blocks at 0, 7, ..., 42, 43
+    for a, b in zip(whole, run()):
         np.testing.assert_array_equal(a, b)

@@ -143,6 +143,16 @@ def _kernels(rng):
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_ops_match_unsharded(op, backend, mesh, rng):
+    _check_op_matches_unsharded(op, backend, mesh, rng)
+
+
+@pytest.mark.parametrize("op", ["max_pool", "avg_pool", "sparse_add", "sparse_cat"])
+def test_row_blocks_match_unsharded(op, mesh, rng, small_row_blocks):
+    """The xla backend's pools and the union, computed in blocks of rows, under shard_map."""
+    _check_op_matches_unsharded(op, "xla", mesh, rng)
+
+
+def _check_op_matches_unsharded(op, backend, mesh, rng):
     features, indices = _shards(rng)
     local_loss = functools.partial(lambda p, f, i, fn: fn(p, f, i, backend), fn=OPS[op])
     _assert_matches_unsharded(local_loss, mesh, (True, False), _kernels(rng), features, indices)

@@ -52,6 +52,16 @@ def _features(y):
 
 @pytest.mark.parametrize("op", list(OPS))
 def test_vmap_equals_a_loop(op, backend, rng):
+    _check_vmap_equals_a_loop(op, backend, rng)
+
+
+@pytest.mark.parametrize("op", ["max_pool", "avg_pool", "add"])
+def test_vmap_of_row_blocks_equals_a_loop(op, rng, small_row_blocks):
+    """The xla backend's pools and the union, computed in blocks of rows, under vmap."""
+    _check_vmap_equals_a_loop(op, "xla", rng)
+
+
+def _check_vmap_equals_a_loop(op, backend, rng):
     xs, stacked = _stack(rng)
     kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 3)) / 5, jnp.float32)
     fn = OPS[op](backend)
