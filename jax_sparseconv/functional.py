@@ -369,12 +369,19 @@ def _union_rows(tensors, out_capacity: int):
     keys = xla.site_keys(columns, xla.in_grid(columns, batch_size, shape), batch_size, shape)
     keys, (owner, row) = xla.sort_keys(keys, owner, row)
     first = xla.run_starts(keys)
-    rank = xla.cumsum(first) - 1
-    target = jnp.where((keys[0] != xla.SENTINEL) & (rank < out_capacity), rank, out_capacity)  # dropped
-    out_keys = xla.gather_keys(keys, *xla.nth_starts(first, out_capacity))
+    start, stored = xla.nth_starts(first, out_capacity)
+    out_keys = xla.gather_keys(keys, start, stored)
     out_indices = jnp.stack(xla.key_sites(out_keys, batch_size, shape), axis=1)
-    rows = jnp.full((len(tensors), out_capacity), -1, jnp.int32).at[owner, target].set(row, mode="drop")
-    return out_indices, rows, jnp.sum(first, dtype=jnp.int32)
+    # A site's run of sorted entries holds one entry per tensor that has it (sites are unique
+    # within a tensor): read each output's run with gathers (a TPU serializes scatters).
+    rows = [jnp.full((out_capacity,), -1, jnp.int32) for _ in tensors]
+    for j in range(len(tensors) if keys[0].shape[0] else 0):
+        at = jnp.minimum(start + j, keys[0].shape[0] - 1)
+        same = functools.reduce(jnp.logical_and, [xla.take(k, at) == o for k, o in zip(keys, out_keys)],
+                                stored & (start + j < keys[0].shape[0]))
+        at_owner, at_row = xla.take(owner, at), xla.take(row, at)
+        rows = [jnp.where(same & (at_owner == t), at_row, r) for t, r in enumerate(rows)]
+    return out_indices, jnp.stack(rows), jnp.sum(first, dtype=jnp.int32)
 
 
 def _combined(tensors, out_capacity: int | None, what: str, combine) -> SparseConvTensor:

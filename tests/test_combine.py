@@ -146,6 +146,8 @@ def test_empty_and_zero_capacity_inputs(op, rng):
         only_padding = jax.jit(OPS[op])(empty, none)
         assert only_padding.capacity == 4 and int(only_padding.num_active) == 0
         assert not np.asarray(only_padding.features).any()
+        nothing = jax.jit(functools.partial(OPS[op], out_capacity=3))(none, none)
+        assert nothing.capacity == 3 and int(nothing.num_active) == 0 and not np.asarray(nothing.features).any()
 
 
 # ---- gradients ------------------------------------------------------------------------------
