@@ -374,11 +374,12 @@ def _union_rows(tensors, out_capacity: int):
     out_indices = jnp.stack(xla.key_sites(out_keys, batch_size, shape), axis=1)
     # A site's run of sorted entries holds one entry per tensor that has it (sites are unique
     # within a tensor): read each output's run with gathers (a TPU serializes scatters).
+    n = keys[0].shape[0]
     rows = [jnp.full((out_capacity,), -1, jnp.int32) for _ in tensors]
-    for j in range(len(tensors) if keys[0].shape[0] else 0):
-        at = jnp.minimum(start + j, keys[0].shape[0] - 1)
+    for j in range(len(tensors) if n else 0):
+        at = jnp.minimum(start + j, n - 1)
         same = functools.reduce(jnp.logical_and, [xla.take(k, at) == o for k, o in zip(keys, out_keys)],
-                                stored & (start + j < keys[0].shape[0]))
+                                stored & (start + j < n))
         at_owner, at_row = xla.take(owner, at), xla.take(row, at)
         rows = [jnp.where(same & (at_owner == t), at_row, r) for t, r in enumerate(rows)]
     return out_indices, jnp.stack(rows), jnp.sum(first, dtype=jnp.int32)
@@ -433,10 +434,11 @@ def sparse_add(*tensors: SparseConvTensor, out_capacity: int | None = None) -> S
     shares its input's ``indices``, but two tensors passed to ``jit`` as separate
     arguments do not, and take the union path (same sites, sorted rows, larger capacity).
     """
-    _check_compatible(tensors)
-    if len({t.num_channels for t in tensors}) > 1:
-        raise ValueError(f"sparse_add needs equal channel counts, got {[t.num_channels for t in tensors]}")
-    return _combined(tensors, out_capacity, "sparse_add", lambda features: functools.reduce(jnp.add, features))
+    def add(features):
+        if len({f.shape[1] for f in features}) > 1:
+            raise ValueError(f"sparse_add needs equal channel counts, got {[f.shape[1] for f in features]}")
+        return functools.reduce(jnp.add, features)
+    return _combined(tensors, out_capacity, "sparse_add", add)
 
 
 def sparse_cat(*tensors: SparseConvTensor, out_capacity: int | None = None) -> SparseConvTensor:

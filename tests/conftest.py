@@ -111,8 +111,9 @@ def tiny_unet():
 def tpu_compile():
     """``compile(function, *args)``: ``jax.jit(function)`` compiled for a device of a TPU v5e
     topology without a TPU (libtpu); the executable cannot run, its text and
-    ``memory_analysis()`` are real (``lower_only=True``: the lowered program, not compiled). ``args``: pytrees of arrays or ShapeDtypeStructs. Skips
-    where libtpu is missing, with the reason; fails under CI, which installs it."""
+    ``memory_analysis()`` are real (``lower_only=True``: the lowered program, not compiled).
+    ``args``: pytrees of arrays or ShapeDtypeStructs. Skips where libtpu is missing, with the
+    reason; fails under CI, which installs it."""
     try:
         import libtpu  # noqa: F401
     except ImportError:

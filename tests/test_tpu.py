@@ -127,7 +127,8 @@ def test_long_scans_run_in_rows(tpu_compile):
     args = (jax.ShapeDtypeStruct((n, 4), jnp.int32), jax.ShapeDtypeStruct((4 * n, 4), jnp.float32),
             jax.ShapeDtypeStruct((n, 3), jnp.float32))
     text = tpu_compile(program, *args, lower_only=True).as_text()
-    windows = [max(map(int, dims.split(","))) for dims in re.findall(r"window_dimensions = array<i64: ([\d, ]+)>", text)]
+    windows = [max(map(int, dims.split(",")))
+               for dims in re.findall(r"window_dimensions = array<i64: ([\d, ]+)>", text)]
     assert len(windows) >= 4 and max(windows) <= xla.SCAN_BLOCK, windows
 
 
