@@ -4,6 +4,7 @@
     python benchmarks/tpu_compile.py                  # 16k and 131k, writes the JSON and the plot
     python benchmarks/tpu_compile.py --capacities 16384 --only subm strided
     python benchmarks/tpu_compile.py --model-capacities 16384   # MinkUNet at 16k only
+    python benchmarks/tpu_compile.py --primitives --only lax jnp xla --json /tmp/p.json --plot /tmp/p.png
 
 Each case is one jitted function of ``ShapeDtypeStruct`` arguments, compiled for a device
 of a TPU v5e:2x2 topology (``jax.experimental.topologies``: a real TPU executable that
@@ -102,6 +103,18 @@ def op_cases(n: int) -> dict:
     return cases
 
 
+def primitive_cases(n: int) -> dict:
+    """The primitives that bound the ops' TPU compile (``--primitives``): a bare sort of ``n``
+    and of ``8 n`` int32 keys (a 3^3/2 rulebook's reached sites), and a running count of ``8 n``
+    flags as one scan (``jnp.cumsum``) and in rows (``xla.cumsum``)."""
+    keys, reached = jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((8 * n,), jnp.int32)
+    flags = jax.ShapeDtypeStruct((8 * n,), jnp.bool_)
+    return {"lax.sort of n keys": (jax.lax.sort, (keys,)),
+            "lax.sort of 8n keys": (jax.lax.sort, (reached,)),
+            "jnp.cumsum of 8n flags": (lambda f: jnp.cumsum(f, dtype=jnp.int32), (flags,)),
+            "xla.cumsum of 8n flags": (xla.cumsum, (flags,))}
+
+
 def minkunet_cases(n: int) -> dict:
     """MinkUNet18 (20 classes, 4 input channels) eval forward and training step (loss, grads)."""
     model = models.MinkUNet(20, backend="xla")
@@ -198,6 +211,7 @@ def main(argv=None) -> None:
     parser.add_argument("--capacities", type=int, nargs="+", default=[16384, 131072])
     parser.add_argument("--model-capacities", type=int, nargs="+", help="MinkUNet's (default: --capacities)")
     parser.add_argument("--only", nargs="+", help="cases whose name starts with one of these")
+    parser.add_argument("--primitives", action="store_true", help="also bare sorts and running counts")
     parser.add_argument("--topology", default="v5e:2x2")
     parser.add_argument("--json", type=Path, default=OUT / "tpu_compile.json")
     parser.add_argument("--plot", type=Path, default=OUT / "tpu_compile.png")
@@ -209,7 +223,9 @@ def main(argv=None) -> None:
     rows = []
     for n in args.capacities:
         models_here = n in (args.model_capacities or args.capacities)
-        for name, (function, specs) in {**op_cases(n), **(minkunet_cases(n) if models_here else {})}.items():
+        cases = {**(primitive_cases(n) if args.primitives else {}), **op_cases(n),
+                 **(minkunet_cases(n) if models_here else {})}
+        for name, (function, specs) in cases.items():
             if args.only and not any(name.startswith(prefix) for prefix in args.only):
                 continue
             row = {"case": name, "capacity": n, "tpu": measure(function, specs, tpu),
