@@ -58,8 +58,8 @@ def key_sites(keys: tuple, batch_size: int, shape) -> tuple[jax.Array, ...]:
     if packs(batch_size, shape):
         key, coords = keys[0], []
         for size in reversed(shape):
-            coords.append(key % size)
-            key = key // size
+            coords.append(lax.rem(key, np.int32(size)))  # keys of valid sites are >= 0
+            key = lax.div(key, np.int32(size))
         keys = (key, *reversed(coords))
     return tuple(jnp.where(valid, column, -1) for column in keys)
 
@@ -101,7 +101,7 @@ def lower_bound(table: tuple, queries: tuple) -> jax.Array:
     # row lo is below the query, it is hi).
     def step(_, bounds):
         lo, hi = bounds
-        mid = (lo + hi) // 2
+        mid = lax.shift_right_logical(lo + hi, np.int32(1))  # (lo + hi) // 2 without floor's sign fix-ups
         below = _lex_less(tuple(take(column, mid) for column in table), queries)
         return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
@@ -203,9 +203,9 @@ def reached_sites(columns: tuple, valid: jax.Array, geometry: ConvGeometry, forw
         c, shift = columns[d + 1][None], jnp.asarray(shifts[:, d, None])
         if divide:
             t = c + padding[d] - shift
-            if strides[d] > 1:
-                ok = ok & (t % strides[d] == 0)
-                t = t // strides[d]
+            if strides[d] > 1:  # truncating lax.div/rem: exact for the multiples kept, fewer ops than // and %
+                ok = ok & (lax.rem(t, np.int32(strides[d])) == 0)
+                t = lax.div(t, np.int32(strides[d]))
         else:
             t = c * strides[d] - padding[d] + shift
         ok = ok & (t >= 0) & (t < target[d])
@@ -228,10 +228,11 @@ def strided_reached_keys(columns: tuple, valid: jax.Array, geometry: ConvGeometr
         count = jnp.zeros(valid.shape, jnp.int32)
         for offset in range(size):
             t = columns[d + 1] + g.padding[d] - offset * dilation
-            reaches = (t % stride == 0) & (t >= 0) & (t // stride < g.out_shape[d])
+            reached = lax.div(t, np.int32(stride))
+            reaches = (lax.rem(t, np.int32(stride)) == 0) & (t >= 0) & (reached < g.out_shape[d])
             for slot in range(slots):
                 take = reaches & (count == slot)
-                found[slot] = (jnp.where(take, t // stride, found[slot][0]), found[slot][1] | take)
+                found[slot] = (jnp.where(take, reached, found[slot][0]), found[slot][1] | take)
             count = count + reaches
         per_dim.append(found)
     keys = []
