@@ -5,6 +5,7 @@
     python benchmarks/tpu_compile.py --capacities 16384 --only subm strided
     python benchmarks/tpu_compile.py --model-capacities 16384   # MinkUNet at 16k only
     python benchmarks/tpu_compile.py --primitives --only lax jnp xla --json /tmp/p.json --plot /tmp/p.png
+    python benchmarks/tpu_compile.py --capacities 16384 --only "MinkUNet train" --tpu-option xla_tpu_scoped_vmem_limit_kib=8192
 
 Each case is one jitted function of ``ShapeDtypeStruct`` arguments, compiled for a device
 of a TPU v5e:2x2 topology (``jax.experimental.topologies``: a real TPU executable that
@@ -146,11 +147,12 @@ def _on(device, spec):
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), spec)
 
 
-def measure(function, specs, device) -> dict:
-    """Compile seconds and memory_analysis() bytes of ``function`` for ``device``."""
+def measure(function, specs, device, options: dict | None = None) -> dict:
+    """Compile seconds and memory_analysis() bytes of ``function`` for ``device``, compiled
+    with ``options`` (``jax.jit``'s ``compiler_options``)."""
     jax.clear_caches()
     start = time.perf_counter()
-    compiled = jax.jit(function).lower(*_on(device, specs)).compile()
+    compiled = jax.jit(function, compiler_options=options).lower(*_on(device, specs)).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     return {"compile_s": seconds, "temp_bytes": int(memory.temp_size_in_bytes),
@@ -213,13 +215,17 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", help="cases whose name starts with one of these")
     parser.add_argument("--primitives", action="store_true", help="also bare sorts and running counts")
     parser.add_argument("--topology", default="v5e:2x2")
+    parser.add_argument("--tpu-option", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="compiler options of the TPU compiles (jax.jit's compiler_options), e.g. "
+                             "xla_tpu_scoped_vmem_limit_kib=8192")
     parser.add_argument("--json", type=Path, default=OUT / "tpu_compile.json")
     parser.add_argument("--plot", type=Path, default=OUT / "tpu_compile.png")
     args = parser.parse_args(argv)
 
     tpu, cpu = tpu_device(args.topology), jax.devices("cpu")[0]
+    tpu_options = dict(option.split("=", 1) for option in args.tpu_option) or None
     print(f"# jax {jax.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"TPU topology {args.topology} (deviceless)", flush=True)
+          f"TPU topology {args.topology} (deviceless), TPU compiler options {tpu_options}", flush=True)
     rows = []
     for n in args.capacities:
         models_here = n in (args.model_capacities or args.capacities)
@@ -228,13 +234,13 @@ def main(argv=None) -> None:
         for name, (function, specs) in cases.items():
             if args.only and not any(name.startswith(prefix) for prefix in args.only):
                 continue
-            row = {"case": name, "capacity": n, "tpu": measure(function, specs, tpu),
+            row = {"case": name, "capacity": n, "tpu": measure(function, specs, tpu, tpu_options),
                    "cpu": measure(function, specs, cpu)}
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"jax": jax.__version__, "python": sys.version.split()[0],
-                                     "cores": os.cpu_count(), "rows": rows}, indent=1))
+                                     "cores": os.cpu_count(), "tpu_options": tpu_options, "rows": rows}, indent=1))
     print(table(rows))
     plot(rows, args.plot)
     print(f"wrote {args.json} and {args.plot}")

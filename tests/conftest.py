@@ -111,7 +111,8 @@ def tiny_unet():
 def tpu_compile():
     """``compile(function, *args)``: ``jax.jit(function)`` compiled for a device of a TPU v5e
     topology without a TPU (libtpu); the executable cannot run, its text and
-    ``memory_analysis()`` are real (``lower_only=True``: the lowered program, not compiled).
+    ``memory_analysis()`` are real (``lower_only=True``: the lowered program, not compiled;
+    ``options``: ``jax.jit``'s ``compiler_options``).
     ``args``: pytrees of arrays or ShapeDtypeStructs. Skips where libtpu is missing, with the
     reason; fails under CI, which installs it."""
     try:
@@ -125,9 +126,9 @@ def tpu_compile():
     # A one-device mesh (jax.sharding.SingleDeviceSharding is deprecated from jax 0.12.1).
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)), jax.sharding.PartitionSpec())
 
-    def compile(function, *args, lower_only=False):
+    def compile(function, *args, lower_only=False, options=None):
         specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
-        lowered = jax.jit(function).lower(*specs)
+        lowered = jax.jit(function, compiler_options=options).lower(*specs)
         return lowered if lower_only else lowered.compile()
     return compile
 
