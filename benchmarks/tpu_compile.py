@@ -5,7 +5,8 @@
     python benchmarks/tpu_compile.py --capacities 16384 --only subm strided
     python benchmarks/tpu_compile.py --model-capacities 16384   # MinkUNet at 16k only
     python benchmarks/tpu_compile.py --primitives --only lax jnp xla --json /tmp/p.json --plot /tmp/p.png
-    python benchmarks/tpu_compile.py --capacities 16384 --only "MinkUNet train" --tpu-option xla_tpu_scoped_vmem_limit_kib=8192
+    python benchmarks/tpu_compile.py --capacities 16384 --only "MinkUNet train" \
+        --tpu-option xla_tpu_scoped_vmem_limit_kib=8192
 
 Each case is one jitted function of ``ShapeDtypeStruct`` arguments, compiled for a device
 of a TPU v5e:2x2 topology (``jax.experimental.topologies``: a real TPU executable that
@@ -36,6 +37,7 @@ import jax_sparseconv as jsc  # noqa: E402
 from jax_sparseconv import models  # noqa: E402
 from jax_sparseconv.functional import sparse_add  # noqa: E402
 from jax_sparseconv.geometry import make_geometry  # noqa: E402
+from jax_sparseconv.normalization import batch_norm_act  # noqa: E402
 from jax_sparseconv.rulebook import build_rulebook  # noqa: E402
 from jax_sparseconv.backends import xla  # noqa: E402
 
@@ -106,14 +108,25 @@ def op_cases(n: int) -> dict:
 
 def primitive_cases(n: int) -> dict:
     """The primitives that bound the ops' TPU compile (``--primitives``): a bare sort of ``n``
-    and of ``8 n`` int32 keys (a 3^3/2 rulebook's reached sites), and a running count of ``8 n``
-    flags as one scan (``jnp.cumsum``) and in rows (``xla.cumsum``)."""
+    and of ``8 n`` int32 keys (a 3^3/2 rulebook's reached sites), a running count of ``8 n``
+    flags as one scan (``jnp.cumsum``) and in rows (``xla.cumsum``), and the gradient of six
+    dense layers with batch norm and ReLU on ``[n, 64]`` (no sparse op: how a TPU compile
+    grows with the rows of arrays that fit its VMEM)."""
     keys, reached = jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((8 * n,), jnp.int32)
     flags = jax.ShapeDtypeStruct((8 * n,), jnp.bool_)
+
+    def dense_bn_layers(kernels, x, active):
+        for kernel in kernels:
+            x, _, _ = batch_norm_act(x @ kernel, active, None, None, 1e-3, relu=True)
+        return jnp.sum(x ** 2)
+
+    layers = ([jax.ShapeDtypeStruct((64, 64), jnp.float32)] * 6, jax.ShapeDtypeStruct((n, 64), jnp.float32),
+              jax.ShapeDtypeStruct((n,), jnp.bool_))
     return {"lax.sort of n keys": (jax.lax.sort, (keys,)),
             "lax.sort of 8n keys": (jax.lax.sort, (reached,)),
             "jnp.cumsum of 8n flags": (lambda f: jnp.cumsum(f, dtype=jnp.int32), (flags,)),
-            "xla.cumsum of 8n flags": (xla.cumsum, (flags,))}
+            "xla.cumsum of 8n flags": (xla.cumsum, (flags,)),
+            "6 dense+BN layers, grad": (jax.grad(dense_bn_layers), layers)}
 
 
 def minkunet_cases(n: int) -> dict:
